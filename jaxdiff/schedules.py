@@ -1,0 +1,282 @@
+"""Noise schedules of the forward process and their precomputed coefficients.
+
+Timesteps are 0-indexed: array index ``i`` holds the paper's step ``t = i + 1``, so a schedule of length ``T`` covers
+the paper's ``t = 1..T`` (the convention of the original DDPM code). Every coefficient is computed in float64 on the
+host and stored as a float32 device array, so the error of a long cumulative product never enters the model.
+
+Notation: ``alpha_t = 1 - beta_t`` and ``abar_t = prod_{s <= t} alpha_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = (
+    "linear",
+    "cosine",
+    "quadratic",
+    "sigmoid",
+    "constant",
+    "warmup10",
+    "warmup50",
+)
+
+SPACINGS = ("even", "quadratic")
+
+
+def _check_num_timesteps(num_timesteps: int) -> None:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
+        raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}.")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}.")
+
+
+def cosine_alpha_bar(u: np.ndarray, s: float = 0.008) -> np.ndarray:
+    r"""The cosine schedule's abar as a function of continuous time u in [0, 1], normalised so abar(0) = 1.
+
+    .. math:: \bar\alpha(u) = f(u) / f(0), \quad f(u) = \cos^2\left(\frac{u + s}{1 + s} \frac{\pi}{2}\right)
+
+    (Nichol & Dhariwal 2021, eq. 17.)
+    """
+    f = lambda v: np.cos((np.asarray(v, np.float64) + s) / (1 + s) * math.pi / 2) ** 2
+    return f(u) / f(0.0)
+
+
+def beta_schedule(
+    name: str,
+    num_timesteps: int,
+    *,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> np.ndarray:
+    """The betas of a named schedule, as a float64 numpy array of shape ``[num_timesteps]``.
+
+    Args:
+      name: one of ``BETA_SCHEDULES``:
+        ``linear`` (DDPM: evenly spaced from ``beta_start`` to ``beta_end``),
+        ``quadratic`` (evenly spaced in sqrt(beta)),
+        ``sigmoid`` (a sigmoid over [-6, 6] rescaled to [beta_start, beta_end]),
+        ``constant`` (``beta_end`` everywhere),
+        ``warmup10`` / ``warmup50`` (``beta_end`` everywhere after a linear warmup over the first 10% / 50%),
+        ``cosine`` (Nichol & Dhariwal 2021: ``beta_t = 1 - abar(t/T) / abar((t-1)/T)`` with the offset ``cosine_s``,
+        clipped at ``max_beta``). The non-cosine schedules follow the original DDPM code.
+      num_timesteps: T >= 1.
+      beta_start, beta_end: the range of the non-cosine schedules.
+      cosine_s: the offset s of the cosine schedule.
+      max_beta: the clip of the cosine schedule's betas.
+
+    Returns:
+      betas, float64, shape ``[T]``, each in (0, 1).
+    """
+    _check_num_timesteps(num_timesteps)
+    T = int(num_timesteps)
+    if name == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif name == "quadratic":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    elif name == "sigmoid":
+        sig = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T, dtype=np.float64)))
+        betas = sig * (beta_end - beta_start) + beta_start
+    elif name == "constant":
+        betas = np.full(T, beta_end, dtype=np.float64)
+    elif name in ("warmup10", "warmup50"):
+        frac = 0.1 if name == "warmup10" else 0.5
+        betas = np.full(T, beta_end, dtype=np.float64)
+        warmup = int(T * frac)
+        betas[:warmup] = np.linspace(beta_start, beta_end, warmup, dtype=np.float64)
+    elif name == "cosine":
+        u = np.arange(T + 1, dtype=np.float64) / T
+        abar = cosine_alpha_bar(u, cosine_s)
+        betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+    else:
+        raise ValueError(f"Unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
+    return betas
+
+
+def _register_dataclass(cls):
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+@_register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Precomputed per-timestep coefficients of a diffusion process; a pytree of float32 arrays of shape ``[T]``.
+
+    Build one with :func:`make_schedule`, :meth:`Schedule.from_betas` or :func:`respace`; pass it into jitted functions
+    as an ordinary argument. Index ``i`` is the paper's ``t = i + 1``; ``*_prev`` is ``t - 1`` (with ``abar_0 = 1``) and
+    ``*_next`` is ``t + 1`` (with ``abar_{T+1} = 0``).
+
+    Attributes:
+      betas: beta_t.
+      alphas: alpha_t = 1 - beta_t.
+      log_betas: log beta_t.
+      alphas_cumprod, alphas_cumprod_prev, alphas_cumprod_next: abar_t, abar_{t-1}, abar_{t+1}.
+      sqrt_alphas_cumprod, sqrt_alphas_cumprod_prev: their square roots.
+      sqrt_one_minus_alphas_cumprod: sqrt(1 - abar_t).
+      log_one_minus_alphas_cumprod: log(1 - abar_t).
+      sqrt_recip_alphas_cumprod: sqrt(1 / abar_t).
+      sqrt_recipm1_alphas_cumprod: sqrt(1 / abar_t - 1).
+      posterior_variance: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (0 at t = 1).
+      posterior_log_variance_clipped: log beta~_t with the first entry replaced by log beta~_2, as in DDPM (with T = 1,
+        where no beta~_2 exists, log beta_1).
+      posterior_mean_coef1: sqrt(abar_{t-1}) beta_t / (1 - abar_t), the coefficient of x_0 in mu~_t.
+      posterior_mean_coef2: sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t), the coefficient of x_t in mu~_t.
+      snr: abar_t / (1 - abar_t).
+      timestep_map: int32, the original timestep that each index stands for (``arange(T)`` unless respaced); the
+        network is always called with ``timestep_map[t]``.
+    """
+
+    betas: jax.Array
+    alphas: jax.Array
+    log_betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    alphas_cumprod_next: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_alphas_cumprod_prev: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    log_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+    snr: jax.Array
+    timestep_map: jax.Array
+
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of steps of this chain (static: known from the array shape)."""
+        return self.betas.shape[0]
+
+    @classmethod
+    def from_betas(cls, betas: Sequence[float] | np.ndarray, timestep_map: Sequence[int] | None = None) -> Schedule:
+        """The schedule of the given betas, every coefficient computed in float64 and stored as float32.
+
+        Args:
+          betas: shape ``[T]``, each in (0, 1) (a beta of 1 would make abar 0 and x_0 unrecoverable). Pass float64
+            for full precision.
+          timestep_map: the original timestep of each index (for respaced schedules); default ``arange(T)``.
+
+        Raises:
+          ValueError: if betas is empty, not 1-D, not finite, or outside (0, 1); or timestep_map does not fit.
+        """
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.shape[0] < 1:
+            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
+        ok = np.isfinite(betas) & (betas > 0.0) & (betas < 1.0)
+        if not np.all(ok):
+            raise ValueError(f"betas must all lie in the open interval (0, 1); found {betas[~ok][:5].tolist()}.")
+        T = betas.shape[0]
+        if timestep_map is None:
+            timestep_map = np.arange(T)
+        timestep_map = np.asarray(timestep_map)
+        if timestep_map.shape != (T,) or not np.issubdtype(timestep_map.dtype, np.integer):
+            raise ValueError(
+                f"timestep_map must be {T} integers, got {timestep_map.dtype} of shape {timestep_map.shape}."
+            )
+
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        abar_next = np.concatenate([abar[1:], [0.0]])
+        one_minus_abar = 1.0 - abar
+        posterior_variance = betas * (1.0 - abar_prev) / one_minus_abar
+        first = posterior_variance[1] if T > 1 else betas[0]
+        posterior_log_variance_clipped = np.log(np.concatenate([[first], posterior_variance[1:]]))
+        coeffs = dict(
+            betas=betas,
+            alphas=alphas,
+            log_betas=np.log(betas),
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            alphas_cumprod_next=abar_next,
+            sqrt_alphas_cumprod=np.sqrt(abar),
+            sqrt_alphas_cumprod_prev=np.sqrt(abar_prev),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_abar),
+            log_one_minus_alphas_cumprod=np.log(one_minus_abar),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=np.sqrt(abar_prev) * betas / one_minus_abar,
+            posterior_mean_coef2=np.sqrt(alphas) * (1.0 - abar_prev) / one_minus_abar,
+            snr=abar / one_minus_abar,
+        )
+        arrays = {k: jnp.asarray(v.astype(np.float32)) for k, v in coeffs.items()}
+        return cls(**arrays, timestep_map=jnp.asarray(timestep_map.astype(np.int32)))
+
+
+def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
+    """``Schedule.from_betas(beta_schedule(name, num_timesteps, **kwargs))``: the usual way to get a schedule."""
+    return Schedule.from_betas(beta_schedule(name, num_timesteps, **kwargs))
+
+
+def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -> np.ndarray:
+    """Choose ``num_steps`` of ``num_timesteps`` original timesteps (sorted, distinct, 0-indexed, always keeping 0).
+
+    Args:
+      num_timesteps: T of the original chain.
+      num_steps: how many to keep, 1 <= num_steps <= T.
+      spacing: ``even`` (evenly spaced, as in improved DDPM's respacing) or ``quadratic`` (denser near t = 0,
+        as in DDIM's CIFAR-10 setting).
+
+    Returns:
+      int64 array of shape ``[num_steps]``.
+    """
+    _check_num_timesteps(num_timesteps)
+    if (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, (int, np.integer))
+        or not 1 <= num_steps <= num_timesteps
+    ):
+        raise ValueError(
+            f"num_steps must be an int in [1, {num_timesteps}] (the chain has T = {num_timesteps}), got {num_steps!r}."
+        )
+    if spacing == "even":
+        kept = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+    elif spacing == "quadratic":
+        kept = np.round(np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2).astype(np.int64)
+        # Rounding can merge neighbours near 0; shift duplicates up so that num_steps distinct steps remain.
+        for i in range(1, num_steps):
+            kept[i] = max(kept[i], kept[i - 1] + 1)
+        overflow = kept[-1] - (num_timesteps - 1)
+        if overflow > 0:  # only when num_steps is close to T; fall back to keeping the tail contiguous
+            kept = np.minimum(kept, np.arange(num_timesteps - num_steps, num_timesteps))
+    else:
+        raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    return kept
+
+
+def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -> Schedule:
+    """A shorter chain through a subset of the timesteps, with the same abar at every kept step.
+
+    The new betas are ``1 - abar[k_i] / abar[k_{i-1}]`` (with ``abar[k_{-1}] = 1``), so q(x_t | x_0) is unchanged at the
+    kept steps (Nichol & Dhariwal 2021, section 4). The result's ``timestep_map`` maps each new index to its original
+    timestep, which the network must be called with.
+
+    Args:
+      betas: the original chain's betas (float64 for full precision), shape ``[T]``.
+      use_timesteps: the 0-indexed original timesteps to keep (any order, no duplicates), e.g. from
+        :func:`space_timesteps`.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    T = betas.shape[0] if betas.ndim == 1 else -1
+    kept = np.asarray(sorted(use_timesteps))
+    if kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer):
+        raise ValueError(f"use_timesteps must be a non-empty list of ints, got {use_timesteps!r}.")
+    if len(set(kept.tolist())) != kept.size or kept[0] < 0 or kept[-1] >= T:
+        raise ValueError(f"use_timesteps must be distinct timesteps in [0, {T - 1}], got {kept.tolist()[:8]}...")
+    abar = np.cumprod(1.0 - betas)[kept]
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept)

@@ -1,0 +1,149 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
+from tests.reference import cumulative_product
+
+
+@pytest.mark.parametrize("name", BETA_SCHEDULES)
+@pytest.mark.parametrize("T", [1, 2, 10, 1000])
+def test_every_schedule_gives_T_betas_in_the_open_unit_interval(name, T):
+    betas = beta_schedule(name, T)
+    assert betas.dtype == np.float64 and betas.shape == (T,)
+    assert np.all((betas > 0) & (betas < 1))
+    Schedule.from_betas(betas)  # accepted
+
+
+def test_linear_quadratic_constant_sigmoid_and_warmup_follow_their_definitions():
+    T = 1000
+    lin = beta_schedule("linear", T)
+    assert lin[0] == 1e-4 and math.isclose(lin[-1], 0.02) and np.allclose(np.diff(lin), (0.02 - 1e-4) / (T - 1))
+    quad = beta_schedule("quadratic", T)
+    assert np.allclose(np.diff(np.sqrt(quad)), (math.sqrt(0.02) - math.sqrt(1e-4)) / (T - 1))
+    assert np.all(beta_schedule("constant", T) == 0.02)
+    sig = beta_schedule("sigmoid", T)
+    logistic = (sig - 1e-4) / (0.02 - 1e-4)  # back to the logistic function on [-6, 6]
+    assert np.allclose(np.log(logistic / (1 - logistic)), np.linspace(-6, 6, T))
+    for name, frac in [("warmup10", 0.1), ("warmup50", 0.5)]:
+        betas, n = beta_schedule(name, T), int(T * frac)
+        assert np.allclose(betas[:n], np.linspace(1e-4, 0.02, n)) and np.all(betas[n:] == 0.02)
+
+
+@pytest.mark.parametrize("T", [10, 1000, 4000])
+def test_cosine_schedule_matches_its_formula(T):
+    s = 0.008
+    betas = beta_schedule("cosine", T)
+    abar = cumulative_product(1.0 - betas)
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    expected = np.array([f(t / T) / f(0.0) for t in range(1, T + 1)])
+    unclipped = betas < 0.999
+    assert not unclipped[-1] and betas[-1] == 0.999  # the last beta is the clip
+    np.testing.assert_allclose(abar[unclipped], expected[unclipped], rtol=1e-10)
+    assert np.all(np.diff(betas) > 0)
+
+
+def test_schedule_coefficients_against_float64_reference():
+    betas = beta_schedule("linear", 1000)
+    sched = Schedule.from_betas(betas)
+    abar = cumulative_product(1 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    expected = {
+        "betas": betas,
+        "alphas": 1 - betas,
+        "alphas_cumprod": abar,
+        "alphas_cumprod_prev": abar_prev,
+        "alphas_cumprod_next": np.concatenate([abar[1:], [0.0]]),
+        "sqrt_alphas_cumprod": abar**0.5,
+        "sqrt_alphas_cumprod_prev": abar_prev**0.5,
+        "sqrt_one_minus_alphas_cumprod": (1 - abar) ** 0.5,
+        "log_one_minus_alphas_cumprod": np.log(1 - abar),
+        "sqrt_recip_alphas_cumprod": abar**-0.5,
+        "sqrt_recipm1_alphas_cumprod": (1 / abar - 1) ** 0.5,
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.concatenate([[post_var[1]], post_var[1:]])),
+        "posterior_mean_coef1": abar_prev**0.5 * betas / (1 - abar),
+        "posterior_mean_coef2": (1 - betas) ** 0.5 * (1 - abar_prev) / (1 - abar),
+        "snr": abar / (1 - abar),
+        "log_betas": np.log(betas),
+    }
+    for name, ref in expected.items():
+        got = getattr(sched, name)
+        assert got.dtype == jnp.float32, name
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-6, atol=1e-30, err_msg=name)
+    np.testing.assert_array_equal(sched.timestep_map, np.arange(1000))
+    assert sched.num_timesteps == 1000
+    assert sched.posterior_variance[0] == 0.0  # q(x_0 | x_1, x_0) is a point mass
+
+
+def test_schedule_is_a_pytree_that_jit_accepts():
+    sched = make_schedule("cosine", 50)
+    leaves, treedef = jax.tree_util.tree_flatten(sched)
+    assert len(leaves) == 18 and all(leaf.shape == (50,) for leaf in leaves)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt.num_timesteps == 50
+    got = jax.jit(lambda s, t: s.alphas_cumprod[t] * s.num_timesteps)(sched, 7)
+    assert np.isclose(got, sched.alphas_cumprod[7] * 50)
+    doubled = jax.tree_util.tree_map(lambda x: x * 2, sched)
+    assert isinstance(doubled, Schedule) and np.allclose(doubled.betas, 2 * sched.betas)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("num_steps,spacing", [(1, "even"), (10, "even"), (50, "quadratic"), (250, "even")])
+def test_respacing_keeps_abar_at_the_kept_steps(name, num_steps, spacing):
+    betas = beta_schedule(name, 1000)
+    kept = space_timesteps(1000, num_steps, spacing)
+    sched = respace(betas, kept)
+    assert sched.num_timesteps == num_steps
+    np.testing.assert_array_equal(sched.timestep_map, kept)
+    abar = cumulative_product(1 - betas)
+    np.testing.assert_allclose(np.asarray(sched.alphas_cumprod, np.float64), abar[kept], rtol=2e-6)
+    assert np.all((sched.betas > 0) & (sched.betas < 1))
+
+
+def test_respacing_with_every_step_is_the_original_schedule():
+    betas = beta_schedule("linear", 1000)
+    full, same = Schedule.from_betas(betas), respace(betas, range(1000))
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(same), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["even", "quadratic"])
+@pytest.mark.parametrize("num_steps", [1, 2, 25, 50, 100, 999, 1000])
+def test_space_timesteps_gives_distinct_sorted_steps(spacing, num_steps):
+    kept = space_timesteps(1000, num_steps, spacing)
+    assert kept.shape == (num_steps,) and kept[0] == 0
+    assert np.all(np.diff(kept) > 0) and kept[-1] <= 999
+    if num_steps > 1:
+        assert kept[-1] == 999 or spacing == "quadratic"
+    if spacing == "quadratic" and 2 < num_steps < 100:
+        assert np.all(np.diff(np.diff(kept)) >= -1)  # gaps grow (up to rounding): denser near t = 0
+
+
+def test_bad_schedule_input_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"Unknown beta schedule 'cosin'.*linear, cosine"):
+        beta_schedule("cosin", 10)
+    for T in [0, -3, 2.5, True]:
+        with pytest.raises(ValueError, match="num_timesteps"):
+            beta_schedule("linear", T)
+    for betas in [[0.1, 0.0], [0.5, 1.0], [0.1, float("nan")], [-0.1], []]:
+        with pytest.raises(ValueError, match=r"betas must"):
+            Schedule.from_betas(betas)
+    with pytest.raises(ValueError, match="1-D"):
+        Schedule.from_betas(np.full((2, 2), 0.1))
+    with pytest.raises(ValueError, match="timestep_map"):
+        Schedule.from_betas([0.1, 0.2], timestep_map=[0])
+    with pytest.raises(ValueError, match="distinct"):
+        respace(beta_schedule("linear", 10), [0, 3, 3])
+    with pytest.raises(ValueError, match="distinct"):
+        respace(beta_schedule("linear", 10), [0, 10])
+    with pytest.raises(ValueError, match="num_steps"):
+        space_timesteps(10, 11)
+    with pytest.raises(ValueError, match="num_steps"):
+        space_timesteps(10, 0)
+    with pytest.raises(ValueError, match="Unknown spacing"):
+        space_timesteps(10, 5, "log")
