@@ -31,6 +31,7 @@ from jaxdiff.diffusion import (
     vb_term_bpd,
     x0_and_eps,
 )
+from jaxdiff.models import UNet, UNetConfig, init_params, load_diffusers_unet
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
 
 __version__ = "0.1.0"
@@ -44,11 +45,15 @@ __all__ = [
     "WEIGHTINGS",
     "PMeanVariance",
     "Schedule",
+    "UNet",
+    "UNetConfig",
     "VariationalBound",
     "beta_schedule",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "gaussian_log_likelihood",
+    "init_params",
+    "load_diffusers_unet",
     "make_schedule",
     "normal_kl",
     "p_mean_variance",

@@ -1,0 +1,193 @@
+"""The DDPM UNet: the paper's sizes, shapes and dtypes, the time embedding, bf16, remat, dropout, conditioning."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.models import UNet, UNetConfig, count_params, init_params, timestep_embedding
+
+# One small network serves every test that computes: init is this suite's slowest compile (XLA makes one fusion per
+# random draw), and compute dtype, remat, dropout and head count change no parameter, so its params fit every variant.
+BASE = UNetConfig(
+    image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_classes=10
+)
+
+
+def variant(**changes):
+    return dataclasses.replace(BASE, **changes)
+
+
+@functools.cache
+def base_init():
+    return init_params(BASE, jax.random.key(0))
+
+
+@functools.cache
+def base_params(randomise=True):
+    return randomised(base_init()) if randomise else base_init()
+
+
+@functools.cache
+def jitted_apply(cfg, train=False):
+    return jax.jit(functools.partial(UNet(cfg).apply, train=train))
+
+
+def inputs(cfg, batch=2, seed=0):
+    x = np.random.default_rng(seed).standard_normal((batch, cfg.image_size, cfg.image_size, cfg.in_channels))
+    return jnp.asarray(x, jnp.float32), jnp.arange(batch, dtype=jnp.int32) * 333
+
+
+def randomised(params, seed=0, scale=0.05):
+    """DDPM's init zeroes the last layer of every block; give every weight a value so that outputs depend on them."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda leaf: leaf + scale * rng.standard_normal(leaf.shape, np.float32), params)
+
+
+@pytest.mark.parametrize(
+    "cfg,expected",
+    [
+        # The exact counts of diffusers' UNet2DModel built with the same architecture (the reference implementation
+        # of the released google/ddpm-* checkpoints); the paper quotes 35.7M and 114M.
+        (UNetConfig(), 35_746_307),
+        (UNetConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4)), 113_673_219),
+    ],
+    ids=["cifar10", "256x256"],
+)
+def test_the_papers_models_have_the_papers_sizes(cfg, expected):
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    assert count_params(shapes) == expected
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        UNetConfig(image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+        UNetConfig(image_size=28, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(14,)),
+        UNetConfig(ch=64, ch_mult=(1, 2, 2), attn_resolutions=(16, 8), learn_sigma=True),
+        UNetConfig(image_size=64, ch=32, ch_mult=(1, 1, 2, 2), attn_resolutions=(), resample_with_conv=False),
+        UNetConfig(dtype="bfloat16", remat=True),
+    ],
+    ids=["8px", "28px-mnist", "32px-learned-sigma", "64px-avgpool", "32px-cifar10-bf16-remat"],
+)
+def test_output_shape_and_dtype(cfg):
+    def init_and_apply(key):
+        x = jnp.zeros((2, cfg.image_size, cfg.image_size, cfg.in_channels))
+        t = jnp.zeros((2,), jnp.int32)
+        params = init_params(cfg, key)
+        return params, UNet(cfg).apply(params, x, t)
+
+    params, out = jax.eval_shape(init_and_apply, jax.random.key(0))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))  # params stay f32
+    assert out.shape == (2, cfg.image_size, cfg.image_size, cfg.in_channels * (2 if cfg.learn_sigma else 1))
+    assert out.dtype == jnp.float32 and cfg.out_channels == out.shape[-1]
+
+
+def test_a_fresh_network_predicts_nearly_zero():
+    # DDPM's init scales the last conv of every block and the output conv by 1e-10.
+    out = jitted_apply(BASE)(base_params(randomise=False), *inputs(BASE))
+    assert out.shape == (2, 8, 8, 3) and out.dtype == jnp.float32
+    assert 0 < float(jnp.abs(out).max()) < 1e-3
+
+
+def test_output_depends_on_the_whole_image_and_on_t():
+    params = base_params()
+    x, t = inputs(BASE)
+    grad = jax.jit(jax.grad(lambda x: UNet(BASE).apply(params, x, t)[0, 0, 0, 0]))(x)
+    assert np.all(np.abs(np.asarray(grad[0])).sum(-1) > 0)  # attention at 4x4: every pixel reaches the corner
+    assert np.all(np.asarray(grad[1]) == 0)  # batch elements never mix
+    a, b = jitted_apply(BASE)(params, x, t), jitted_apply(BASE)(params, x, t + 1)
+    assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_time_embedding_against_its_formula():
+    t = np.array([0, 1, 17, 999])
+    emb = np.asarray(timestep_embedding(jnp.asarray(t), 128), np.float64)
+    k = np.arange(64)
+    w = np.exp(-math.log(10_000) * k / 63)
+    np.testing.assert_allclose(emb[:, :64], np.sin(t[:, None] * w), atol=2e-4)
+    np.testing.assert_allclose(emb[:, 64:], np.cos(t[:, None] * w), atol=2e-4)
+    assert timestep_embedding(jnp.asarray(t), 7).shape == (4, 7)
+    assert np.all(timestep_embedding(jnp.asarray(t), 7)[:, -1] == 0)
+
+
+def test_bf16_compute_is_close_to_f32():
+    params, (x, t) = base_params(), inputs(BASE)
+    out32 = jitted_apply(BASE)(params, x, t)
+    out16 = jitted_apply(variant(dtype="bfloat16"))(params, x, t)
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert 0 < rel < 3e-2, rel  # bf16 has 8 bits of mantissa: errors of ~1e-2 are expected, not more
+
+
+def test_remat_gives_the_same_outputs_and_gradients():
+    params, (x, t) = base_params(), inputs(BASE)
+    loss = lambda c: jax.jit(jax.value_and_grad(lambda p: jnp.sum(UNet(c).apply(p, x, t) ** 2)))(params)
+    (v1, g1), (v2, g2) = loss(BASE), loss(variant(remat=True))
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g1))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        # Some gradients are zero in exact arithmetic (a bias right before a GroupNorm): compare at the global scale.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    remat_shapes = jax.eval_shape(lambda k: init_params(variant(remat=True), k), jax.random.key(0))
+    assert jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(params)  # same checkpoints
+
+
+def test_dropout_acts_only_in_training_mode():
+    cfg = variant(dropout=0.3)
+    params, (x, t) = base_params(), inputs(BASE)  # dropout has no parameters
+    evaluate, train = jitted_apply(cfg), jitted_apply(cfg, train=True)
+    eval_a, eval_b = evaluate(params, x, t), evaluate(params, x, t)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = train(params, x, t, rngs={"dropout": jax.random.key(0)})
+    train_b = train(params, x, t, rngs={"dropout": jax.random.key(1)})
+    assert float(jnp.abs(train_a - train_b).max()) > 1e-4
+    assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
+    without = jitted_apply(BASE, train=True)(params, x, t, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(without, eval_a, rtol=1e-5, atol=1e-6)
+
+
+def test_class_conditioning_and_the_null_class():
+    params, (x, t) = base_params(), inputs(BASE)
+    assert params["params"]["class_embed"]["embedding"].shape == (11, 4 * BASE.ch)  # 10 classes + the null class
+    apply = jitted_apply(BASE)
+    a, b = apply(params, x, t, jnp.array([1, 1])), apply(params, x, t, jnp.array([2, 2]))
+    assert float(jnp.abs(a - b).max()) > 1e-4
+    np.testing.assert_array_equal(apply(params, x, t), apply(params, x, t, jnp.array([10, 10])))
+    unconditional = variant(num_classes=None)
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(unconditional).apply(params, x, t, jnp.array([1, 1]))
+
+
+def test_multi_head_attention_differs_from_one_head():
+    params, (x, t) = base_params(), inputs(BASE)
+    one, heads = jitted_apply(BASE)(params, x, t), jitted_apply(variant(head_dim=16))(params, x, t)
+    assert float(jnp.abs(one - heads).max()) > 1e-5
+
+
+def test_bad_configs_fail_before_any_compile():
+    with pytest.raises(ValueError, match=r"image_size 30 is not divisible by 2\^\(levels - 1\) = 4"):
+        UNetConfig(image_size=30, ch_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="not divisible by num_groups=32"):
+        UNetConfig(ch=48)
+    with pytest.raises(ValueError, match=r"attn_resolutions \[12\] match no level.*\[32, 16, 8, 4\]"):
+        UNetConfig(attn_resolutions=(12,))
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        UNetConfig(dtype="float16")
+    with pytest.raises(ValueError, match="dropout"):
+        UNetConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        UNetConfig(head_dim=48)
+    cfg, params = BASE, base_params()
+    with pytest.raises(ValueError, match=r"expects images \[B, 8, 8, 3\]"):
+        UNet(cfg).apply(params, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="timesteps of shape"):
+        UNet(cfg).apply(params, jnp.zeros((2, 8, 8, 3)), jnp.zeros((3,), jnp.int32))
+
+
+def test_config_is_hashable_and_normalises_lists():
+    a = UNetConfig(ch_mult=[1, 2, 2, 2], attn_resolutions=[16])
+    assert a == UNetConfig() and hash(a) == hash(UNetConfig())
