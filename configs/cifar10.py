@@ -1,0 +1,8 @@
+"""The DDPM paper's CIFAR-10 setting (Ho et al. 2020, appendix B): 35.7M parameters, 800k steps of batch 128."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()  # already the CIFAR-10 values
+    return config

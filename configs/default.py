@@ -1,0 +1,73 @@
+"""Every setting a run has, with the DDPM CIFAR-10 values; the other configs start from here and override."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar10"
+    c.data.split = "train"
+    c.data.eval_split = "test"  # held-out batch for the bound in bits/dim
+    c.data.image_size = 32
+    c.data.random_flip = True
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
+    c.data.download = False  # never download unless asked
+    c.data.class_conditional = False
+
+    c.model = ml_collections.ConfigDict()
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.resample_with_conv = True
+    c.model.num_groups = 32
+    c.model.head_dim = ml_collections.config_dict.placeholder(int)  # None: one attention head (DDPM)
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.remat = False
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_schedule = "linear"
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.loss_type = "simple"
+    c.diffusion.prediction = "eps"
+    c.diffusion.variance = "fixed_large"  # DDPM's CIFAR-10 samples use sigma^2 = beta
+    c.diffusion.weighting = "none"
+    c.diffusion.snr_gamma = 5.0
+    c.diffusion.vb_weight = 0.001
+    c.diffusion.t_sampling = "uniform"
+    c.diffusion.label_dropout = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 5000
+    c.optim.grad_clip = 1.0
+    c.optim.decay = "none"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_accum_steps = 1
+    c.optim.ema_decay = 0.9999
+    c.optim.ema_warmup = False
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global, over all devices and hosts
+    c.training.num_steps = 800_000
+    c.training.log_every = 100
+    c.training.sample_every = 10_000
+    c.training.num_samples = 64
+    c.training.eval_every = 10_000
+    c.training.eval_batch_size = 16
+    c.training.checkpoint_every = 5_000
+    c.training.keep_checkpoints = 3
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.clip_x0 = True
+    c.lock()  # a misspelled key (in a config file or a --config.x.y override) is an error, not a new setting
+    return c

@@ -1,0 +1,302 @@
+"""Training: the train state, the optimizer, one pure train step, and its sharding over every device of every host.
+
+The step is a pure function ``train_step(state, batch) -> (state, metrics)``. Its randomness (timesteps, noise,
+dropout, label dropout) comes from ``fold_in(PRNGKey(seed), state.step)`` and is drawn for the global batch, so one
+device and N devices (or N hosts) follow the same trajectory up to float reassociation, and a resumed run continues
+exactly. ``shard_train_step`` compiles it once with the batch split over a ``data`` mesh axis, the state replicated
+and donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff import diffusion
+from jaxdiff.models.unet import UNet, UNetConfig, init_params
+from jaxdiff.schedules import Schedule
+
+T_SAMPLINGS = ("uniform", "importance")
+DECAYS = ("none", "cosine", "linear")
+HISTORY = 10  # losses kept per timestep for importance sampling (improved DDPM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the network learns and how t is drawn; checked when built.
+
+    ``loss_type``/``prediction``/``variance``/``weighting``/``snr_gamma``/``vb_weight`` are those of
+    :func:`jaxdiff.diffusion.training_losses`. ``t_sampling='importance'`` draws t with probability proportional to
+    sqrt(E[L_t^2]) over the last 10 losses at each t (uniform until every t has 10), and reweights by 1/(T p_t)
+    (Nichol & Dhariwal 2021, for training on the bound). ``label_dropout`` replaces a label by the null class with that
+    probability (for classifier-free guidance).
+    """
+
+    loss_type: str = "simple"
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    weighting: str = "none"
+    snr_gamma: float = 5.0
+    vb_weight: float = 0.001
+    t_sampling: str = "uniform"
+    label_dropout: float = 0.0
+
+    def __post_init__(self):
+        diffusion.check_objective(self.loss_type, self.prediction, self.variance, self.weighting)
+        diffusion.check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with linear warmup, global-norm clipping, optional decay and gradient accumulation; the EMA.
+
+    DDPM: lr 2e-4, warmup 5000 steps, clip 1.0, no decay, EMA 0.9999.
+    """
+
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    decay: str = "none"
+    total_steps: int = 800_000
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+
+    def __post_init__(self):
+        diffusion.check_choice("decay", self.decay, DECAYS)
+        if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps < 1 or self.grad_accum_steps < 1:
+            raise ValueError(
+                f"Need lr > 0, warmup_steps >= 0, total_steps >= 1, grad_accum_steps >= 1; got {self.lr}, "
+                f"{self.warmup_steps}, {self.total_steps}, {self.grad_accum_steps}."
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+
+
+def learning_rate(opt: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then constant, or a cosine / linear decay to 0 at ``total_steps``."""
+    warmup = optax.linear_schedule(0.0, opt.lr, max(opt.warmup_steps, 1))
+    rest = max(opt.total_steps - opt.warmup_steps, 1)
+    after = {
+        "none": optax.constant_schedule(opt.lr),
+        "cosine": optax.cosine_decay_schedule(opt.lr, rest),
+        "linear": optax.linear_schedule(opt.lr, 0.0, rest),
+    }[opt.decay]
+    if opt.warmup_steps == 0:
+        return after
+    return optax.join_schedules([warmup, after], [opt.warmup_steps])
+
+
+def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam(W) on :func:`learning_rate`, accumulated over ``grad_accum_steps`` if > 1."""
+    parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
+    parts.append(
+        optax.adamw(learning_rate(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+        if opt.weight_decay
+        else optax.adam(learning_rate(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    )
+    tx = optax.chain(*parts)
+    return optax.MultiSteps(tx, opt.grad_accum_steps) if opt.grad_accum_steps > 1 else tx
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a run needs to continue: no RNG is stored (keys come from the step).
+
+    ``loss_history`` ``[T, 10]`` and ``history_count`` ``[T]`` feed importance sampling of t (zeros otherwise).
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    loss_history: jax.Array
+    history_count: jax.Array
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the key of the initial parameters, the key that each step folds its step number into), from the seed."""
+    init_key, step_key = jax.random.split(jax.random.key(seed))
+    return init_key, step_key
+
+
+def init_train_state(
+    model_config: UNetConfig, optimizer: optax.GradientTransformation, num_timesteps: int, seed: int
+) -> TrainState:
+    """A fresh state: parameters from ``seed`` (DDPM's init), EMA equal to them, a zero optimizer state."""
+    params = init_params(model_config, run_keys(seed)[0])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        loss_history=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
+        history_count=jnp.zeros((num_timesteps,), jnp.int32),
+    )
+
+
+def _draw_timesteps(key, state: TrainState, batch_size: int, T: int, importance: bool):
+    """t ~ uniform, or ~ sqrt(E[L_t^2]) once every t has a full history; with the weights 1/(T p_t)."""
+    uniform = jax.random.randint(key, (batch_size,), 0, T)
+    if not importance:
+        return uniform, jnp.ones((batch_size,), jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(state.loss_history), axis=1))
+    probs = rms / jnp.sum(rms)
+    probs = probs * (1 - 1e-3) + 1e-3 / T  # keep every t reachable
+    ready = jnp.all(state.history_count >= HISTORY)
+    weighted = jax.random.choice(jax.random.fold_in(key, 1), T, (batch_size,), p=probs)
+    t = jnp.where(ready, weighted, uniform)
+    weights = jnp.where(ready, 1.0 / (T * probs[t]), 1.0)
+    return t, weights
+
+
+def _record_losses(state: TrainState, t, losses):
+    """Push each example's loss into its timestep's history (oldest out), one example after another."""
+
+    def push(i, carry):
+        history, count = carry
+        row = jnp.concatenate([history[t[i], 1:], losses[i][None]])
+        return history.at[t[i]].set(row), count.at[t[i]].add(1)
+
+    return jax.lax.fori_loop(0, t.shape[0], push, (state.loss_history, state.history_count))
+
+
+def make_train_step(
+    model: UNet,
+    schedule: Schedule,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    opt: OptimConfig,
+    seed: int,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build the pure ``train_step(state, batch) -> (state, metrics)``.
+
+    ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Metrics (all
+    scalars): ``loss``, ``loss_q0``..``loss_q3`` (the mean loss of the examples whose t lies in each quarter of
+    [0, T); NaN when none does), ``grad_norm``, ``lr``, ``finite`` (1 if the loss and the gradients are finite; if
+    not, the returned state is the input state, unchanged, and the caller must stop).
+    """
+    T = schedule.num_timesteps
+    base_key = run_keys(seed)[1]
+    lr_fn = learning_rate(opt)
+    conditional = model.config.num_classes is not None
+
+    def loss_fn(params, batch, key, t, weights):
+        x0 = batch["image"]
+        noise_key, dropout_key, label_key = jax.random.split(key, 3)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        labels = None
+        if conditional:
+            drop = jax.random.bernoulli(label_key, objective.label_dropout, batch["label"].shape)
+            labels = jnp.where(drop, model.config.num_classes, batch["label"])
+
+        def model_fn(x_t, timesteps):
+            return model.apply(params, x_t, timesteps, labels, train=True, rngs={"dropout": dropout_key})
+
+        losses = diffusion.diffusion_loss(
+            schedule,
+            model_fn,
+            x0,
+            t,
+            noise,
+            loss_type=objective.loss_type,
+            prediction=objective.prediction,
+            variance=objective.variance,
+            weighting=objective.weighting,
+            snr_gamma=objective.snr_gamma,
+            vb_weight=objective.vb_weight,
+        )
+        return jnp.mean(losses * weights), losses
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(base_key, state.step)
+        t_key, loss_key = jax.random.split(key)
+        batch_size = batch["image"].shape[0]
+        t, weights = _draw_timesteps(t_key, state, batch_size, T, objective.t_sampling == "importance")
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, loss_key, t, weights)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        updated = optax.MultiSteps.has_updated(opt_state) if opt.grad_accum_steps > 1 else True
+        decay = opt.ema_decay
+        if opt.ema_warmup:
+            decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+        ema = jax.tree_util.tree_map(
+            lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), state.ema_params, params
+        )
+        history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
+        new_state = TrainState(state.step + 1, params, ema, opt_state, history, count)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step changes nothing, so the state in hand (and any checkpoint of it) stays the last good one.
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        quarter = (t * 4) // T
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr_fn(state.step // opt.grad_accum_steps),
+            "finite": finite.astype(jnp.float32),
+        }
+        for q in range(4):
+            mask = quarter == q
+            metrics[f"loss_q{q}"] = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all devices of all processes (or ``devices``), axis ``data``."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+    """Raise a ValueError unless the global batch splits evenly over the mesh's devices and processes."""
+    devices = mesh.devices.size
+    if global_batch % devices or global_batch % jax.process_count():
+        raise ValueError(
+            f"The batch size {global_batch} is not divisible by the {devices} devices ({jax.process_count()} "
+            f"processes); use a multiple of {devices}."
+        )
+
+
+def shard_train_step(train_step, mesh: Mesh):
+    """``jax.jit`` of the step with the batch on the ``data`` axis, the state replicated and donated."""
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """This process's rows of the batch -> the global batch as arrays sharded on the ``data`` axis."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+    """Put a pytree (e.g. a fresh TrainState) on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,270 @@
+"""Training: the step learns, is the same on 1 device, 8 devices and 2 processes; configs; the input pipeline."""
+
+import functools
+import importlib
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxdiff import experiment, training
+from jaxdiff.data import Batches, DataConfig, global_indices, load_split
+from jaxdiff.models import UNet, UNetConfig
+from jaxdiff.schedules import make_schedule
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+TINY = UNetConfig(
+    image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0
+)
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@functools.cache
+def tiny_run():
+    """One small network, optimizer and compiled step shared by the tests (init and compile dominate their time)."""
+    opt = training.OptimConfig(lr=2e-3, warmup_steps=0, total_steps=100, ema_decay=0.9)
+    optimizer = training.make_optimizer(opt)
+    state = training.init_train_state(TINY, optimizer, 100, seed=0)
+    schedule = make_schedule("linear", 100)
+    step = jax.jit(training.make_train_step(UNet(TINY), schedule, training.Objective(), optimizer, opt, seed=0))
+    return state, step
+
+
+def test_the_train_step_lowers_the_loss_on_a_fixed_batch():
+    state, step = tiny_run()
+    images = np.random.default_rng(0).integers(0, 2, (16, 8, 8, 1)) * 2.0 - 1.0  # a fixed batch of binary images
+    batch = {"image": jnp.asarray(images, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
+    losses, first = [], state
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        assert metrics["finite"] == 1.0
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    assert int(state.step) == 40
+    # The EMA trails the parameters: it moved, but less than they did.
+    leaf = lambda s, k: jax.tree_util.tree_leaves(getattr(s, k))[-1]
+    moved = float(jnp.abs(leaf(state, "params") - leaf(first, "params")).max())
+    ema_moved = float(jnp.abs(leaf(state, "ema_params") - leaf(first, "params")).max())
+    assert 0 < ema_moved < moved
+    quarters = [float(metrics[f"loss_q{q}"]) for q in range(4)]
+    assert quarters[0] > quarters[3]  # predicting eps is hardest at small t
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged():
+    state, step = tiny_run()
+    bad = {"image": jnp.full((16, 8, 8, 1), jnp.nan, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
+    new, metrics = step(state, bad)
+    assert metrics["finite"] == 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_learning_rate_schedule():
+    lr = training.learning_rate(training.OptimConfig(lr=1e-3, warmup_steps=10, total_steps=110, decay="cosine"))
+    assert float(lr(0)) == 0.0 and np.isclose(float(lr(5)), 5e-4) and np.isclose(float(lr(10)), 1e-3)
+    assert float(lr(110)) < 1e-9
+    constant = training.learning_rate(training.OptimConfig(lr=2e-4, warmup_steps=5000))
+    assert np.isclose(float(constant(2500)), 1e-4) and np.isclose(float(constant(10**6)), 2e-4)
+
+
+def test_importance_sampling_prefers_high_loss_timesteps():
+    state, _ = tiny_run()
+    history = jnp.ones((100, training.HISTORY)).at[90:].set(30.0)
+    state = training.TrainState(
+        state.step, state.params, state.ema_params, state.opt_state, history, jnp.full((100,), training.HISTORY)
+    )
+    t, weights = training._draw_timesteps(jax.random.key(0), state, 4000, 100, importance=True)
+    share = float(jnp.mean(t >= 90))
+    assert share > 0.7  # 10 timesteps hold 300 of the 390 units of sqrt(E[L^2])
+    # The weights 1/(T p_t) keep the estimate unbiased: E_p[w L] = mean_t L.
+    losses = jnp.where(t >= 90, 30.0, 1.0)
+    np.testing.assert_allclose(float(jnp.mean(weights * losses)), (90 * 1 + 10 * 30) / 100, rtol=0.1)
+    _, uniform_w = training._draw_timesteps(jax.random.key(0), state, 100, 100, importance=False)
+    assert np.all(uniform_w == 1.0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(tmp_path):
+    worker = str(ROOT / "tests" / "train_worker.py")
+    port = free_port()
+    runs = {
+        "one": [[sys.executable, worker, str(tmp_path / "one.npz"), "--devices", "1"]],
+        "eight": [[sys.executable, worker, str(tmp_path / "eight.npz"), "--devices", "8"]],
+        "two_processes": [
+            [
+                sys.executable,
+                worker,
+                str(tmp_path / "two_processes.npz"),
+                "--devices",
+                "2",
+                "--process",
+                str(i),
+                "--processes",
+                "2",
+                "--port",
+                str(port),
+            ]
+            for i in range(2)
+        ],
+    }
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmds in runs.values()
+        for cmd in cmds
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    return {name: np.load(tmp_path / f"{name}.npz") for name in runs}
+
+
+def test_one_device_eight_devices_and_two_processes_train_alike(tmp_path):
+    results = run_workers(tmp_path)
+    one = results["one"]
+    assert int(results["eight"]["devices"]) == 8 and int(results["two_processes"]["devices"]) == 4
+    for name in ("eight", "two_processes"):
+        other = results[name]
+        np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-4)
+        params = [k for k in one.files if k.startswith("param_")]
+        assert len(params) > 10
+        for k in params:
+            np.testing.assert_allclose(other[k], one[k], rtol=1e-3, atol=1e-5, err_msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_and_traces_one_step(name):
+    config = load_config(name)
+    channels = 1 if config.data.dataset in ("digits", "mnist", "fashion_mnist") else 3
+    model_cfg = experiment.unet_config(config, channels, 10)
+    schedule = experiment.schedule_from(config)
+    opt = experiment.optim_config(config)
+    optimizer = training.make_optimizer(opt)
+    step = training.make_train_step(UNet(model_cfg), schedule, experiment.objective(config), optimizer, opt, 0)
+    state = jax.eval_shape(lambda: training.init_train_state(model_cfg, optimizer, schedule.num_timesteps, config.seed))
+    size = config.data.image_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32),
+        "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+    }
+    new_state, metrics = jax.eval_shape(step, state, batch)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert set(metrics) >= {"loss", "grad_norm", "lr", "finite", "loss_q0", "loss_q3"}
+    with pytest.raises(AttributeError):  # locked: a misspelled key cannot be set
+        config.training.bach_size = 64
+
+
+def test_the_cifar10_config_is_the_papers_setting():
+    c = load_config("cifar10")
+    assert (c.diffusion.num_timesteps, c.diffusion.beta_schedule, c.diffusion.beta_start, c.diffusion.beta_end) == (
+        1000,
+        "linear",
+        1e-4,
+        0.02,
+    )
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_resolutions)) == (
+        128,
+        (1, 2, 2, 2),
+        2,
+        (16,),
+    )
+    assert (c.model.dropout, c.optim.lr, c.training.batch_size, c.optim.warmup_steps) == (0.1, 2e-4, 128, 5000)
+    assert (c.optim.grad_clip, c.optim.ema_decay, c.data.random_flip, c.training.num_steps) == (
+        1.0,
+        0.9999,
+        True,
+        800_000,
+    )
+
+
+def test_misspelled_override_fails():
+    config = load_config("digits")
+    with pytest.raises(AttributeError):
+        config.optim.learning_rate = 1.0
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1)
+    a = Batches(images, None, global_batch=8, seed=3)
+    b = Batches(images, None, global_batch=8, seed=3)
+    for step in (0, 6, 7, 100):
+        np.testing.assert_array_equal(a.at(step)["image"], b.at(step)["image"])
+    resumed = a.iterate(start_step=7)
+    for step in range(7, 12):
+        np.testing.assert_array_equal(next(resumed)["image"], a.at(step)["image"])
+    # Each epoch visits every example once; the next epoch in another order; another seed, another order.
+    first_epoch = np.concatenate([global_indices(50, 10, 3, s) for s in range(5)])
+    second_epoch = np.concatenate([global_indices(50, 10, 3, s) for s in range(5, 10)])
+    assert sorted(first_epoch) == list(range(50)) and sorted(second_epoch) == list(range(50))
+    assert not np.array_equal(first_epoch, second_epoch)
+    assert not np.array_equal(global_indices(50, 10, 4, 0), global_indices(50, 10, 3, 0))
+
+
+def test_process_shards_are_disjoint_and_make_the_global_batch():
+    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+    full = Batches(images, None, global_batch=8, seed=0, random_flip=True).at(5)["image"]
+    shards = [
+        Batches(images, None, global_batch=8, seed=0, random_flip=True, process_index=p, process_count=4).at(5)["image"]
+        for p in range(4)
+    ]
+    np.testing.assert_array_equal(np.concatenate(shards), full)
+    assert len({float(v) for s in shards for v in s.ravel()}) == 8
+    with pytest.raises(ValueError, match="not divisible"):
+        Batches(images, None, global_batch=10, seed=0, process_count=4)
+
+
+def test_flips_are_deterministic_and_about_half():
+    images = np.tile(np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1), (1000, 1, 1, 1))
+    batch = Batches(images, None, global_batch=1000, seed=0, random_flip=True).at(0)["image"]
+    flipped = batch[:, 0, 0, 0] > batch[:, 0, -1, 0]
+    assert 0.45 < flipped.mean() < 0.55
+    again = Batches(images, None, global_batch=1000, seed=0, random_flip=True).at(0)["image"]
+    np.testing.assert_array_equal(batch, again)
+
+
+def test_the_digits_dataset_is_built_offline(tmp_path):
+    train, train_labels = load_split(DataConfig(dataset="digits", split="train", data_dir=str(tmp_path)))
+    test, _ = load_split(DataConfig(dataset="digits", split="test", data_dir=str(tmp_path)))
+    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1) and train.dtype == np.uint8
+    assert train.max() == 255 and train.min() == 0 and sorted(set(train_labels.tolist())) == list(range(10))
+    from sklearn.datasets import load_digits
+
+    expected = np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
+    expected_set = {e.tobytes() for e in expected}
+    assert all(image.tobytes() in expected_set for image in train[:50])
+
+
+def test_bad_input_fails_before_any_compile(tmp_path):
+    with pytest.raises(ValueError, match="Unknown dataset 'cifar11'"):
+        load_split(DataConfig(dataset="cifar11"))
+    with pytest.raises(FileNotFoundError, match=r"not prepared.*tfds build mnist"):
+        load_split(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+
+    class FakeMesh:
+        devices = np.empty(8)
+
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
+        training.check_batch_size(12, FakeMesh())
+    config = load_config("digits")
+    with config.unlocked():
+        config.data.image_size = 7
+    with pytest.raises(ValueError, match="image_size 7 is not divisible"):
+        experiment.unet_config(config, 1, None)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot be written"):
+        experiment.train_and_evaluate(load_config("tiny"), blocker / "run")

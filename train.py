@@ -1,0 +1,40 @@
+"""Train a DDPM: ``python train.py --config=configs/digits.py --workdir=runs/digits [--config.training.num_steps=...]``.
+
+Intentionally short: parse flags, set up (multi-host) JAX, then ``jaxdiff.experiment.train_and_evaluate``.
+"""
+
+import os
+
+# On CPUs, XLA's default fusion of convolutions makes weight gradients ~1.7x slower (benchmarks/README.md).
+if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    ).strip()
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (resumed if it holds a run).")
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-host runs outside a TPU pod.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs outside a TPU pod).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs outside a TPU pod).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (automatic on a TPU pod).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # the libraries' INFO chatter; the run prints its own lines
+    import jax
+
+    if FLAGS.coordinator or FLAGS.distributed:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from jaxdiff.experiment import train_and_evaluate
+
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
