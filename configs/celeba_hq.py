@@ -5,15 +5,5 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.data.dataset = "celeb_a_hq/256"
-    config.data.split = "train"
-    config.data.eval_split = "train[:1%]"  # CelebA-HQ has a single split
-    config.data.image_size = 256
-    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-    config.model.attn_resolutions = (16,)
-    config.model.dropout = 0.0
-    config.optim.lr = 2e-5
-    config.training.batch_size = 64
-    config.training.num_steps = 500_000
-    config.training.num_samples = 16
+    default.use_paper_256_model(config, "celeb_a_hq/256", eval_split="train[:1%]", num_steps=500_000)
     return config

@@ -71,3 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.clip_x0 = True
     c.lock()  # a misspelled key (in a config file or a --config.x.y override) is an error, not a new setting
     return c
+
+
+def use_paper_256_model(c: ml_collections.ConfigDict, dataset: str, eval_split: str, num_steps: int) -> None:
+    """The DDPM paper's 256x256 setting (CelebA-HQ, LSUN): 6 levels, attention at 16x16, no dropout, batch 64."""
+    c.data.dataset = dataset
+    c.data.split = "train"
+    c.data.eval_split = eval_split
+    c.data.image_size = 256
+    c.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.0
+    c.optim.lr = 2e-5
+    c.training.batch_size = 64
+    c.training.num_steps = num_steps
+    c.training.num_samples = 16

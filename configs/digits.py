@@ -9,24 +9,25 @@ def get_config():
     config.data.eval_split = "test"
     config.data.image_size = 8
     config.data.random_flip = False  # digits are not mirror-symmetric
-    config.model.ch = 64
+    config.model.ch = 32
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
     config.diffusion.num_timesteps = 1000
     config.diffusion.variance = "fixed_small"
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 200
+    config.optim.lr = 2e-3
+    config.optim.warmup_steps = 100
     config.optim.decay = "cosine"
-    config.optim.ema_decay = 0.999
+    config.optim.ema_decay = 0.995
     config.optim.ema_warmup = True
-    config.training.batch_size = 128
-    config.training.num_steps = 3000
+    # Measured on the 2-core CPU: ~4 steps/s, 1,500 steps and the final 64 samples in about 8 minutes in all.
+    config.training.batch_size = 64
+    config.training.num_steps = 1500
     config.training.log_every = 100
-    config.training.sample_every = 1000
+    config.training.sample_every = 1500
     config.training.num_samples = 64
-    config.training.eval_every = 1000
+    config.training.eval_every = 1500
     config.training.eval_batch_size = 16
-    config.training.checkpoint_every = 1000
+    config.training.checkpoint_every = 500
     return config

@@ -1,21 +1,9 @@
-"""fashion_mnist at 28x28 (28 = 7 x 2^2, so three levels: 28, 14, 7), ch 64, attention at 14x14."""
+"""fashion_mnist at 28x28: the mnist setting on the other dataset."""
 
-from configs import default
+from configs import mnist
 
 
 def get_config():
-    config = default.get_config()
+    config = mnist.get_config()
     config.data.dataset = "fashion_mnist"
-    config.data.image_size = 28
-    config.data.random_flip = False
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2, 2)
-    config.model.attn_resolutions = (14,)
-    config.model.dropout = 0.1
-    config.diffusion.variance = "fixed_small"
-    config.optim.warmup_steps = 1000
-    config.training.batch_size = 128
-    config.training.num_steps = 60_000
-    config.training.sample_every = 5_000
-    config.training.eval_every = 5_000
     return config

@@ -117,10 +117,14 @@ def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(
             f"Dataset {config.dataset!r} has no feature {config.image_key!r}; it has {list(builder.info.features)}."
         )
-    data = tfds.as_numpy(builder.as_dataset(split=config.split, batch_size=-1))
-    images = np.asarray(data[config.image_key])
-    labels = np.asarray(data[config.label_key], np.int32) if config.label_key in data else None
-    return resize_square(images, config.image_size), labels
+    images, labels = [], []
+    for chunk in tfds.as_numpy(builder.as_dataset(split=config.split).batch(4096)):
+        images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
+        if config.label_key in chunk:
+            labels.append(np.asarray(chunk[config.label_key], np.int32))
+    if not images:
+        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
+    return np.concatenate(images), (np.concatenate(labels) if labels else None)
 
 
 def resize_square(images: np.ndarray, size: int) -> np.ndarray:
