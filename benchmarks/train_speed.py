@@ -1,0 +1,228 @@
+"""Training throughput on this machine: jaxdiff's train step against a PyTorch peer, the input pipeline against the
+step, and the memory of the CIFAR-10 step with and without remat.
+
+    python benchmarks/train_speed.py --json benchmarks/results/train_speed.json
+
+1. Train-step images/s, alternating JAX and PyTorch in one process, median of --repeats: the digits config (batch 64)
+   and the CIFAR-10 architecture (batch 8 on a CPU). The PyTorch peer is diffusers' UNet2DModel of the same
+   architecture and weights, with the same step: noise and t drawn, the eps MSE, backward, global-norm clipping,
+   Adam, and an EMA update.
+2. Input pipeline images/s (jaxdiff.data.Batches, uint8 arrays of the datasets' shapes in memory) against what the
+   digits step consumes.
+3. XLA's memory analysis of the compiled CIFAR-10 train step (batch 8) with remat off and on: temporaries.
+
+Needs the torch extra. Set XLA_FLAGS as train.py does (this script sets the CPU convolution flag if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    ).strip()
+
+
+def torch_peer(model_cfg, batch, seed=0):
+    """diffusers' UNet2DModel of ``model_cfg``'s architecture, its converted params, and a training step closure."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from jaxdiff.models import convert_diffusers_state_dict
+
+    torch.manual_seed(seed)
+    down = tuple("AttnDownBlock2D" if r in model_cfg.attn_resolutions else "DownBlock2D" for r in model_cfg.resolutions)
+    model = UNet2DModel(
+        sample_size=model_cfg.image_size,
+        in_channels=model_cfg.in_channels,
+        out_channels=model_cfg.out_channels,
+        block_out_channels=tuple(model_cfg.ch * m for m in model_cfg.ch_mult),
+        layers_per_block=model_cfg.num_res_blocks,
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        attention_head_dim=None,
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        dropout=model_cfg.dropout,
+    )
+    params = convert_diffusers_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, model_cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    ema = [p.detach().clone() for p in model.parameters()]
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0).float()
+    x0 = torch.rand(batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size) * 2 - 1
+
+    def step():
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = ((model(x_t, t).sample - noise) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters(), strict=True):
+                e.mul_(0.9999).add_(p, alpha=1e-4)
+        return loss.item()
+
+    return params, step
+
+
+def jax_step(model_cfg, params, batch):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import training
+    from jaxdiff.models import UNet
+    from jaxdiff.schedules import make_schedule
+
+    opt = training.OptimConfig(warmup_steps=0, total_steps=10**6)
+    optimizer = training.make_optimizer(opt)
+    state = training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=optimizer.init(params),
+        loss_history=jnp.zeros((1000, training.HISTORY)),
+        history_count=jnp.zeros((1000,), jnp.int32),
+    )
+    state = jax.tree_util.tree_map(jnp.copy, state)  # distinct buffers: the step donates its state
+    fn = jax.jit(
+        training.make_train_step(
+            UNet(model_cfg), make_schedule("linear", 1000), training.Objective(), optimizer, opt, seed=0
+        ),
+        donate_argnums=0,
+    )
+    size, ch = model_cfg.image_size, model_cfg.in_channels
+    data = {
+        "image": jax.random.uniform(jax.random.key(1), (batch, size, size, ch), minval=-1, maxval=1),
+        "label": jnp.zeros((batch,), jnp.int32),
+    }
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = fn(holder["state"], data)
+        return float(metrics["loss"])
+
+    return step
+
+
+def alternate(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():
+        fn()  # compile / warm up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step_figures(name, model_cfg, batch, repeats):
+    params, torch_fn = torch_peer(model_cfg, batch)
+    med = alternate({"jax": jax_step(model_cfg, params, batch), "torch": torch_fn}, repeats)
+    return {
+        "model": name,
+        "batch": batch,
+        "seconds": med,
+        "images_per_sec": {k: batch / v for k, v in med.items()},
+        "jax_over_torch_time": med["jax"] / med["torch"],
+    }
+
+
+def pipeline_figures(repeats):
+    import numpy as np
+
+    from jaxdiff.data import Batches
+
+    out = {}
+    for name, shape, batch in [("digits", (1500, 8, 8, 1), 64), ("cifar10", (50_000, 32, 32, 3), 128)]:
+        images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        batches = Batches(images, np.zeros(shape[0], np.int32), global_batch=batch, seed=0, random_flip=True)
+        start = time.perf_counter()
+        for step in range(repeats * 20):
+            batches.at(step)
+        out[name] = {"batch": batch, "images_per_sec": repeats * 20 * batch / (time.perf_counter() - start)}
+    return out
+
+
+def memory_figures():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import training
+    from jaxdiff.models import UNet, UNetConfig
+    from jaxdiff.schedules import make_schedule
+
+    out = {}
+    for remat in (False, True):
+        cfg = UNetConfig(remat=remat)
+        opt = training.OptimConfig()
+        optimizer = training.make_optimizer(opt)
+        state = jax.eval_shape(lambda c=cfg, o=optimizer: training.init_train_state(c, o, 1000, 0))
+        batch = {
+            "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+        }
+        step = training.make_train_step(
+            UNet(cfg), make_schedule("linear", 1000), training.Objective(), optimizer, opt, 0
+        )
+        compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+        mem = compiled.memory_analysis()
+        out["remat" if remat else "no_remat"] = {
+            "temp_MiB": mem.temp_size_in_bytes / 2**20,
+            "argument_MiB": mem.argument_size_in_bytes / 2**20,
+            "gflop": compiled.cost_analysis()["flops"] / 1e9,
+        }
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    import importlib
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jaxdiff.experiment import unet_config
+    from jaxdiff.models import UNetConfig
+
+    digits = unet_config(importlib.import_module("configs.digits").get_config(), 1, None)
+    results = {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "train_step": [
+            train_step_figures("digits", digits, 64, args.repeats),
+            train_step_figures("cifar10", UNetConfig(dropout=0.0), 8, max(2, args.repeats // 2)),
+        ],
+        "pipeline": pipeline_figures(args.repeats),
+        "memory_cifar10_batch8": memory_figures(),
+    }
+    for r in results["train_step"]:
+        ips = r["images_per_sec"]
+        print(
+            f"train step {r['model']:8s} batch {r['batch']:3d}: jax {ips['jax']:.0f} img/s, torch "
+            f"{ips['torch']:.0f} img/s, jax/torch time {r['jax_over_torch_time']:.2f}"
+        )
+    for name, p in results["pipeline"].items():
+        print(f"pipeline   {name:8s} batch {p['batch']:3d}: {p['images_per_sec']:.0f} img/s")
+    for name, m in results["memory_cifar10_batch8"].items():
+        print(f"memory     {name:8s}: temporaries {m['temp_MiB']:.0f} MiB, {m['gflop']:.0f} GFLOP per step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
