@@ -115,6 +115,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN/inf: the run stops; the state kept is the last finite one."""
 
 
+def _raise_if_non_finite(unchecked: list, state: TrainState) -> None:
+    """Stop the run at the first step whose loss or gradient was not finite (such a step left the state as it was)."""
+    flags = jax.device_get([flag for _, flag in unchecked])
+    for (step, _), finite in zip(unchecked, flags, strict=True):
+        if finite < 1:
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradient at step {step}. The run stops; the state in memory is the last finite "
+                f"one (step {int(state.step)}) and no checkpoint of a later state was written. Lower the learning "
+                "rate, check the data, or resume from the last checkpoint."
+            )
+    unchecked.clear()
+
+
 def _check_workdir(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -189,20 +202,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last = tcfg.num_steps
     progress = _progress(first, last, is_main)
     start_time, start_step = time.perf_counter(), first
+    unchecked = []  # (step, finite flag) not yet read: read in one go at log/checkpoint time, not synced every step
     for step, local in zip(range(first, last), batches.iterate(first), strict=False):
         state, metrics = step_fn(state, global_batch(local, mesh))
         done = step + 1
         if done == first + 1:  # time from the end of the first step, which includes the compile
             jax.block_until_ready(metrics)
             start_time, start_step = time.perf_counter(), done
+        unchecked.append((done, metrics["finite"]))
+        if itstime(done, tcfg.log_every, last) or itstime(done, tcfg.checkpoint_every, last):
+            _raise_if_non_finite(unchecked, state)
         if itstime(done, tcfg.log_every, last):
             metrics = jax.device_get(metrics)
-            if metrics["finite"] < 1:
-                raise NonFiniteLossError(
-                    f"Non-finite loss or gradient at step {done} (loss={metrics['loss']}, grad_norm="
-                    f"{metrics['grad_norm']}). The state in memory and on disk is the last finite one (step "
-                    f"{int(state.step)}); lower the learning rate or check the data."
-                )
             elapsed = time.perf_counter() - start_time
             rate = (done - start_step) / elapsed if done > start_step else math.nan
             _write(writer, done, {**metrics, "steps_per_sec": rate, "images_per_sec": rate * tcfg.batch_size})

@@ -316,3 +316,15 @@ def test_a_tiny_run_on_the_real_digits(tmp_path, capsys):
     assert "step 2/2" in capsys.readouterr().out
     leaves = jax.tree_util.tree_leaves(state.params)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = tiny_config(tmp_path / "data", num_steps=4, log_every=4, checkpoint_every=2, eval_every=0, sample_every=0)
+    config.optim.lr = 1e30  # the first update sends the weights to ~1e30: the second forward pass overflows
+    config.optim.warmup_steps = 0
+    with tfds.testing.mock_data(num_examples=32, data_dir=str(tmp_path / "data")):
+        with pytest.raises(experiment.NonFiniteLossError, match="at step 2"):
+            experiment.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "2").exists()
