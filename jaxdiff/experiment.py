@@ -139,7 +139,7 @@ def _check_workdir(workdir: pathlib.Path) -> None:
 
 
 def sample_fn(model: UNet, schedule: Schedule, config: ml_collections.ConfigDict):
-    """A jitted ``(params, key, num) -> images [num, S, S, C]`` drawing from the model with ancestral sampling."""
+    """A jitted ``(params, key, labels, shape) -> images`` drawing from the model by ancestral sampling."""
     d = config.diffusion
 
     def sample(params, key, labels, shape):
