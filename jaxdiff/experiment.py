@@ -194,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state = replicate(state, mesh)
     step_fn = shard_train_step(make_train_step(model, schedule, objective_, optimizer, opt, config.seed), mesh)
     draw = sample_fn(model, schedule, config)
+    evaluate_bound = bound_fn(model, schedule, config)
     writer = _summary_writer(workdir) if is_main else None
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -227,7 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if progress is not None:
             progress.update(1)
         if itstime(done, tcfg.eval_every, last):
-            bpd = _evaluate_bpd(model, schedule, config, state.ema_params, eval_images, done)
+            eval_key = jax.random.fold_in(jax.random.key(config.seed + 1), done)
+            bpd = _evaluate_bpd(evaluate_bound, state.ema_params, eval_images, eval_key)
             _write(writer, done, {f"eval/{k}_bpd": v for k, v in bpd.items()})
             _log(
                 is_main,
@@ -259,17 +261,24 @@ def _eval_images(config) -> np.ndarray | None:
     return images[: config.training.eval_batch_size].astype(np.float32) / 127.5 - 1.0
 
 
-def _evaluate_bpd(model, schedule, config, params, images, step):
+def bound_fn(model: UNet, schedule: Schedule, config: ml_collections.ConfigDict):
+    """A jitted ``(params, images, key) -> VariationalBound`` in bits/dim, compiled once per run."""
+    d = config.diffusion
+
+    def bound(params, images, key):
+        model_fn = lambda x, t: model.apply(params, x, t)
+        return diffusion.variational_bound(
+            schedule, model_fn, images, key, prediction=d.prediction, variance=d.variance, chunk_size=32
+        )
+
+    return jax.jit(bound)
+
+
+def _evaluate_bpd(bound, params, images, key) -> dict[str, float]:
     if images is None:
         return {"total": math.nan, "prior": math.nan, "denoising": math.nan, "reconstruction": math.nan}
-    d = config.diffusion
-    model_fn = lambda x, t: model.apply(params, x, t)
-    bound = jax.jit(
-        lambda x, k: diffusion.variational_bound(
-            schedule, model_fn, x, k, prediction=d.prediction, variance=d.variance, chunk_size=32
-        )
-    )(jnp.asarray(images), jax.random.fold_in(jax.random.key(config.seed + 1), step))
-    return {k: float(np.mean(getattr(bound, k))) for k in ("total", "prior", "denoising", "reconstruction")}
+    result = bound(params, jnp.asarray(images), key)
+    return {k: float(np.mean(getattr(result, k))) for k in ("total", "prior", "denoising", "reconstruction")}
 
 
 def _summary_writer(workdir):
