@@ -1,75 +1,260 @@
-"""Checkpoints of a run under ``workdir/checkpoints``: the train state and the run's config, with Orbax.
+"""Checkpoints of a run under ``workdir/checkpoints`` with Orbax, and the SIGTERM (preemption) watch.
 
-Each step's checkpoint holds two items: ``state`` (the TrainState, via StandardSave/StandardRestore, restored onto
-the shardings of the target) and ``config`` (the run's ConfigDict as JSON), so a workdir alone is enough to sample.
+Each step's checkpoint holds three items: ``state`` (the TrainState, StandardSave/StandardRestore onto the target's
+shardings), ``config`` (the run's ConfigDict as JSON) and ``model`` (the UNetConfig as JSON, which depends on the
+dataset's channels and classes), so a workdir alone is enough to sample (:func:`load_for_sampling`).
+
+Guarantees:
+  - a checkpoint is finalised atomically (Orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it), so a crash
+    mid-save leaves a temporary directory that is ignored (and removed when the next run starts);
+  - restoring tries the newest checkpoint first; one that cannot be read (files missing or truncated, values not
+    finite) is reported with a warning and the one before it is tried; unreadable ones are moved aside to
+    ``workdir/checkpoints_unreadable`` (never deleted) once an older one has been read, so the resumed run can save
+    its own checkpoints at those steps; if none can be read, nothing is touched and the error lists every reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import pathlib
+import shutil
+import signal
 import warnings
+from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from jaxdiff.models.unet import UNetConfig, init_params
+from jaxdiff.training import all_finite
 
-def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
-    """The run's CheckpointManager (async saves, the last ``keep`` kept)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "config")
+ITEMS = ("state", "config", "model")
+UNREADABLE = "checkpoints_unreadable"
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def manager(
+    workdir: str | os.PathLike, keep: int = 3, *, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The run's CheckpointManager: the last ``keep`` checkpoints kept, saved in the background if ``async_save``."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def _config_json(config) -> dict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return dict(config)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, config, model_config: UNetConfig) -> None:
+    """Start saving checkpoint ``step`` (in the background when the manager is async; see :func:`wait`)."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(_config_json(config)),
+            model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
+        ),
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, config) -> None:
-    """Start saving ``state`` and ``config`` as checkpoint ``step`` (asynchronously; see :func:`wait`)."""
-    config_json = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json)))
-
-
 def wait(mngr: ocp.CheckpointManager) -> None:
+    """Block until every save has been written and finalised (raises if one failed)."""
     mngr.wait_until_finished()
 
 
-def _abstract(target):
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+def abstract(tree, sharding: jax.sharding.Sharding | None = None):
+    """``tree`` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs, on ``sharding`` if given (else the leaves' own)."""
+
+    def leaf(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None else x.sharding)
+
+    return jax.tree_util.tree_map(leaf, tree)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, target):
-    """The newest readable checkpoint's state, shaped and sharded like ``target``; None if the run has none.
+def _reason(e: Exception) -> str:
+    """The first line of an exception, without TensorStore's JSON spec, for a one-line warning."""
+    text = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    return f"{type(e).__name__}: {text[:400]}"
 
-    A checkpoint that cannot be read (files missing or truncated) is skipped with a warning naming the reason, and the
-    one before it is tried; nothing is deleted.
+
+def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple[int, str]]]:
+    """The newest readable checkpoint's state, shaped and sharded like ``target``, and the unreadable ones skipped.
+
+    Args:
+      target: the state's structure: arrays or ShapeDtypeStructs with shardings (see :func:`abstract`).
+
+    Returns:
+      ``(state or None when the run has no checkpoint, [(step, reason), ...] of the newer ones that failed)``.
+      Each failure is also reported with a warning.
 
     Raises:
-      RuntimeError: checkpoints exist but none can be read.
+      RuntimeError: checkpoints exist but none can be read (nothing is moved or deleted).
     """
     steps = sorted(mngr.all_steps(), reverse=True)
-    failures = []
+    target = abstract(target)
+    skipped = []
     for step in steps:
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))
-            return restored["state"]
-        except Exception as e:  # Orbax raises many kinds for a damaged checkpoint; each is reported
-            failures.append(f"step {step}: {type(e).__name__}: {e}")
-            warnings.warn(
-                f"Cannot read the checkpoint at step {step} ({type(e).__name__}: {e}); trying an older one.",
-                stacklevel=2,
-            )
-    if failures:
+            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            if not bool(all_finite(restored)):
+                raise ValueError("it holds non-finite values")
+            return restored, skipped
+        except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint; each is reported
+            reason = _reason(e)
+            skipped.append((step, reason))
+            warnings.warn(f"Cannot read the checkpoint at step {step} ({reason}); trying an older one.", stacklevel=2)
+    if skipped:
         raise RuntimeError(
-            f"None of the {len(steps)} checkpoints in {mngr.directory} can be read; nothing was deleted.\n"
-            + "\n".join(failures)
+            f"None of the {len(steps)} checkpoints in {mngr.directory} can be read, so the run cannot resume; nothing "
+            "was moved or deleted. Move the damaged step directories away to start over, or point --workdir "
+            "elsewhere.\n" + "\n".join(f"  step {s}: {r}" for s, r in skipped)
         )
-    return None
+    return None, skipped
+
+
+def set_aside(workdir: str | os.PathLike, steps) -> pathlib.Path:
+    """Move the checkpoints of ``steps`` to ``workdir/checkpoints_unreadable/<step>`` (kept for inspection)."""
+    dest_root = pathlib.Path(workdir).absolute() / UNREADABLE
+    dest_root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        dest = dest_root / str(step)
+        n = 1
+        while dest.exists():  # a step set aside twice (two broken runs) keeps both copies
+            dest = dest_root / f"{step}.{n}"
+            n += 1
+        shutil.move(str(checkpoint_dir(workdir) / str(step)), str(dest))
+    return dest_root
+
+
+def _model_config(model: dict) -> UNetConfig:
+    fields = {f.name for f in dataclasses.fields(UNetConfig)}
+    return UNetConfig(**{k: v for k, v in model.items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingCheckpoint:
+    """What sampling needs from a run: its config, the network's config, the EMA parameters, the step."""
+
+    config: ml_collections.ConfigDict
+    model: UNetConfig
+    ema_params: Any
+    step: int
+
+
+def _no_checkpoint(workdir) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"No checkpoint in {checkpoint_dir(workdir)}: train first (python train.py --workdir={workdir}), or pass "
+        "the workdir of a run that saved one."
+    )
+
+
+@contextlib.contextmanager
+def _reader(workdir):
+    """A read-only manager of ``workdir``'s checkpoints (closed afterwards); FileNotFoundError if there are none."""
+    if not checkpoint_dir(workdir).is_dir():
+        raise _no_checkpoint(workdir)
+    mngr = manager(workdir, read_only=True)
+    try:
+        if not mngr.all_steps():
+            raise _no_checkpoint(workdir)
+        yield mngr
+    finally:
+        mngr.close()
+
+
+def _read_for_sampling(mngr: ocp.CheckpointManager, step: int) -> SamplingCheckpoint:
+    meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), model=ocp.args.JsonRestore()))
+    model = _model_config(meta["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = abstract(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), device)
+    item = {"ema_params": params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    ema = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["ema_params"]
+    if not bool(all_finite(ema)):
+        raise ValueError("it holds non-finite values")
+    return SamplingCheckpoint(ml_collections.ConfigDict(meta["config"]), model, ema, step)
+
+
+def load_for_sampling(workdir: str | os.PathLike, step: int | None = None) -> SamplingCheckpoint:
+    """The config, UNetConfig and EMA parameters of ``workdir``'s newest readable checkpoint (or of ``step``).
+
+    Only the EMA parameters are read (not the optimizer state or the raw parameters). An unreadable checkpoint is
+    reported with a warning and the one before it is tried (unless ``step`` is given).
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint (or not ``step``).
+      RuntimeError: no checkpoint can be read.
+    """
+    with _reader(workdir) as mngr:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"No checkpoint at step {step} in {mngr.directory}; it has {sorted(steps)}.")
+            steps = [step]
+        failures = []
+        for s in steps:
+            try:
+                return _read_for_sampling(mngr, s)
+            except Exception as e:  # as in restore_latest: report, then try the one before
+                failures.append(f"  step {s}: {_reason(e)}")
+                warnings.warn(f"Cannot read the checkpoint at step {s} ({_reason(e)}).", stacklevel=2)
+        raise RuntimeError(f"No checkpoint in {mngr.directory} can be read:\n" + "\n".join(failures))
 
 
 def restore_config(workdir: str | os.PathLike) -> dict:
     """The run's config (as a dict) from the newest checkpoint of ``workdir``."""
-    mngr = manager(workdir)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first with train.py.")
-    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    with _reader(workdir) as mngr:
+        return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+class PreemptionWatch:
+    """Whether the run has been asked to stop (SIGTERM, as a TPU VM gets before preemption), agreed by all hosts.
+
+    One process: a SIGTERM handler sets a flag (the previous handler is put back by :meth:`close`). Several processes
+    under ``jax.distributed``: JAX's preemption service catches the signal on any host and the hosts agree on one step
+    (``multihost_utils.reached_preemption_sync_point``), so all of them save the same checkpoint. Call
+    :meth:`reached` after every step, on every host.
+    """
+
+    def __init__(self):
+        self._multihost = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self.signalled = False
+        self._previous = None
+        if not self._multihost:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                warnings.warn("Training outside the main thread: SIGTERM will not save a checkpoint.", stacklevel=2)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step where every process should save and stop."""
+        if self._multihost:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signalled
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental.multihost_utils import sync_global_devices
 
 from jaxdiff import checkpoints, diffusion, samplers
 from jaxdiff.data import DataConfig, load_split, make_batches
@@ -25,6 +26,7 @@ from jaxdiff.training import (
     Objective,
     OptimConfig,
     TrainState,
+    all_finite,
     check_batch_size,
     global_batch,
     init_train_state,
@@ -32,6 +34,7 @@ from jaxdiff.training import (
     make_optimizer,
     make_train_step,
     replicate,
+    replicated,
     shard_train_step,
 )
 
@@ -185,13 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     optimizer = make_optimizer(opt)
     is_main = jax.process_index() == 0
 
-    manager = checkpoints.manager(workdir, keep=tcfg.keep_checkpoints)
-    state = init_train_state(model_cfg, optimizer, schedule.num_timesteps, config.seed)
-    restored = checkpoints.restore_latest(manager, state)
-    if restored is not None:
-        state = restored
-        _log(is_main, f"Resuming from the checkpoint at step {int(state.step)} in {manager.directory}.")
-    state = replicate(state, mesh)
+    state, manager = _initial_state(workdir, config, model_cfg, optimizer, schedule.num_timesteps, mesh, is_main)
     step_fn = shard_train_step(make_train_step(model, schedule, objective_, optimizer, opt, config.seed), mesh)
     draw = sample_fn(model, schedule, config)
     evaluate_bound = bound_fn(model, schedule, config)
@@ -204,51 +201,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     progress = _progress(first, last, is_main)
     start_time, start_step = time.perf_counter(), first
     unchecked = []  # (step, finite flag) not yet read: read in one go at log/checkpoint time, not synced every step
-    for step, local in zip(range(first, last), batches.iterate(first), strict=False):
-        state, metrics = step_fn(state, global_batch(local, mesh))
-        done = step + 1
-        if done == first + 1:  # time from the end of the first step, which includes the compile
-            jax.block_until_ready(metrics)
-            start_time, start_step = time.perf_counter(), done
-        unchecked.append((done, metrics["finite"]))
-        if itstime(done, tcfg.log_every, last) or itstime(done, tcfg.checkpoint_every, last):
-            _raise_if_non_finite(unchecked, state)
-        if itstime(done, tcfg.log_every, last):
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - start_time
-            rate = (done - start_step) / elapsed if done > start_step else math.nan
-            _write(writer, done, {**metrics, "steps_per_sec": rate, "images_per_sec": rate * tcfg.batch_size})
-            eta = (last - done) / rate if rate > 0 else math.nan
-            _log(
-                is_main,
-                f"step {done}/{last}  loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  "
-                f"{rate:.2f} steps/s  {rate * tcfg.batch_size:.0f} images/s  ETA {eta / 60:.1f} min",
-                progress,
-            )
+    preemption = checkpoints.PreemptionWatch()
+    try:
+        for step, local in zip(range(first, last), batches.iterate(first), strict=False):
+            state, metrics = step_fn(state, global_batch(local, mesh))
+            done = step + 1
+            if done == first + 1:  # time from the end of the first step, which includes the compile
+                jax.block_until_ready(metrics)
+                start_time, start_step = time.perf_counter(), done
+            unchecked.append((done, metrics["finite"]))
+            preempted = preemption.reached(done)
+            save_now = preempted or itstime(done, tcfg.checkpoint_every, last)
+            if itstime(done, tcfg.log_every, last) or save_now:
+                _raise_if_non_finite(unchecked, state)
+            if preempted:
+                _save(manager, done, state, config, model_cfg)
+                checkpoints.wait(manager)
+                _log(
+                    is_main,
+                    f"Preempted (SIGTERM) after step {done}: saved the checkpoint at step {done} in "
+                    f"{manager.directory}. Run the same command again to resume.",
+                    progress,
+                )
+                break
+            if itstime(done, tcfg.log_every, last):
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - start_time
+                rate = (done - start_step) / elapsed if done > start_step else math.nan
+                _write(writer, done, {**metrics, "steps_per_sec": rate, "images_per_sec": rate * tcfg.batch_size})
+                eta = (last - done) / rate if rate > 0 else math.nan
+                _log(
+                    is_main,
+                    f"step {done}/{last}  loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  "
+                    f"{rate:.2f} steps/s  {rate * tcfg.batch_size:.0f} images/s  ETA {eta / 60:.1f} min",
+                    progress,
+                )
+            if progress is not None:
+                progress.update(1)
+            if itstime(done, tcfg.eval_every, last):
+                eval_key = jax.random.fold_in(jax.random.key(config.seed + 1), done)
+                bpd = _evaluate_bpd(evaluate_bound, state.ema_params, eval_images, eval_key)
+                _write(writer, done, {f"eval/{k}_bpd": v for k, v in bpd.items()})
+                _log(
+                    is_main,
+                    f"step {done}  eval bits/dim {bpd['total']:.3f} (prior {bpd['prior']:.2e}, denoising "
+                    f"{bpd['denoising']:.3f}, reconstruction {bpd['reconstruction']:.3f})",
+                    progress,
+                )
+            if itstime(done, tcfg.sample_every, last):
+                shape = (tcfg.num_samples, config.data.image_size, config.data.image_size, channels)
+                images = draw(state.ema_params, jax.random.fold_in(jax.random.key(config.seed), done), None, shape)
+                if is_main:
+                    path = save_grid(np.asarray(samplers.to_uint8(images)), workdir / f"samples_{done:07d}.png")
+                    _log(is_main, f"step {done}  wrote {path}", progress)
+            if save_now:
+                _save(manager, done, state, config, model_cfg)
+    finally:
+        preemption.close()
+        checkpoints.wait(manager)  # a save in flight finishes even when the run stops with an error
+        manager.close()
         if progress is not None:
-            progress.update(1)
-        if itstime(done, tcfg.eval_every, last):
-            eval_key = jax.random.fold_in(jax.random.key(config.seed + 1), done)
-            bpd = _evaluate_bpd(evaluate_bound, state.ema_params, eval_images, eval_key)
-            _write(writer, done, {f"eval/{k}_bpd": v for k, v in bpd.items()})
-            _log(
-                is_main,
-                f"step {done}  eval bits/dim {bpd['total']:.3f} (prior {bpd['prior']:.2e}, denoising "
-                f"{bpd['denoising']:.3f}, reconstruction {bpd['reconstruction']:.3f})",
-                progress,
-            )
-        if itstime(done, tcfg.sample_every, last):
-            shape = (tcfg.num_samples, config.data.image_size, config.data.image_size, channels)
-            images = draw(state.ema_params, jax.random.fold_in(jax.random.key(config.seed), done), None, shape)
-            if is_main:
-                path = save_grid(np.asarray(samplers.to_uint8(images)), workdir / f"samples_{done:07d}.png")
-                _log(is_main, f"step {done}  wrote {path}", progress)
-        if itstime(done, tcfg.checkpoint_every, last):
-            checkpoints.save(manager, done, state, config)
-    checkpoints.wait(manager)
-    if progress is not None:
-        progress.close()
+            progress.close()
     return state
+
+
+def _save(manager, step, state, config, model_cfg):
+    """Checkpoint ``state`` as step ``step``, unless a value in it is not finite: then stop, keeping the last one."""
+    if not bool(all_finite(state)):
+        raise NonFiniteLossError(
+            f"The state after step {step} holds non-finite parameters (the updates overflowed); it is not saved, "
+            f"and the newest checkpoint in {manager.directory} stays the last good one. Lower the learning rate."
+        )
+    checkpoints.save(manager, step, state, config, model_cfg)
+
+
+def _initial_state(workdir, config, model_cfg, optimizer, num_timesteps, mesh, is_main):
+    """The state to start from (the newest readable checkpoint, else a fresh one) on the mesh, and the manager."""
+    manager = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
+    fresh = lambda: init_train_state(model_cfg, optimizer, num_timesteps, config.seed)
+    target = checkpoints.abstract(jax.eval_shape(fresh), replicated(mesh))
+    state, skipped = checkpoints.restore_latest(manager, target)
+    if state is None:
+        return replicate(fresh(), mesh), manager
+    if skipped:
+        # Set the unreadable newer checkpoints aside (kept), so that this run can save at those steps again.
+        steps = [s for s, _ in skipped]
+        if is_main:
+            where = checkpoints.set_aside(workdir, steps)
+            _log(is_main, f"Moved the unreadable checkpoint(s) at step(s) {steps} to {where}.")
+        sync_global_devices("jaxdiff: unreadable checkpoints set aside")
+        manager.reload()
+    _log(is_main, f"Resuming from the checkpoint at step {int(state.step)} in {manager.directory}.")
+    return state, manager
 
 
 def _eval_images(config) -> np.ndarray | None:

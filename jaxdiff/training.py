@@ -175,6 +175,12 @@ def _record_losses(state: TrainState, t, losses):
     return jax.lax.fori_loop(0, t.shape[0], push, (state.loss_history, state.history_count))
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """A scalar bool: every element of every leaf is finite (no copy of the tree is made)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def make_train_step(
     model: UNet,
     schedule: Schedule,

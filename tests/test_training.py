@@ -99,33 +99,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_workers(tmp_path):
+def run_workers(tmp_path, env, runs):
+    """Start every worker command of ``runs`` ({name: [argv tail, ...]}) at once; their saved results by name."""
     worker = str(ROOT / "tests" / "train_worker.py")
-    port = free_port()
-    runs = {
-        "one": [[sys.executable, worker, str(tmp_path / "one.npz"), "--devices", "1"]],
-        "eight": [[sys.executable, worker, str(tmp_path / "eight.npz"), "--devices", "8"]],
-        "two_processes": [
-            [
-                sys.executable,
-                worker,
-                str(tmp_path / "two_processes.npz"),
-                "--devices",
-                "2",
-                "--process",
-                str(i),
-                "--processes",
-                "2",
-                "--port",
-                str(port),
-            ]
-            for i in range(2)
-        ],
-    }
     procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for cmds in runs.values()
-        for cmd in cmds
+        subprocess.Popen(
+            [sys.executable, worker, str(tmp_path / f"{name}.npz"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for name, commands in runs.items()
+        for args in commands
     ]
     for p in procs:
         out, _ = p.communicate(timeout=600)
@@ -133,17 +119,48 @@ def run_workers(tmp_path):
     return {name: np.load(tmp_path / f"{name}.npz") for name in runs}
 
 
-def test_one_device_eight_devices_and_two_processes_train_alike(tmp_path):
-    results = run_workers(tmp_path)
+def assert_params_close(a, b, what, prefix="param_"):
+    keys = [k for k in b.files if k.startswith(prefix)]
+    assert len(keys) > 10
+    for k in keys:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-5, err_msg=f"{what} {k}")
+
+
+def test_one_device_eight_devices_and_two_processes_train_alike_and_share_checkpoints(tmp_path, subprocess_env):
+    port = free_port()
+    w1, w8 = tmp_path / "ckpt_one", tmp_path / "ckpt_eight"
+    two = [["--devices", "2", "--process", str(i), "--processes", "2", "--port", str(port)] for i in range(2)]
+    results = run_workers(
+        tmp_path,
+        subprocess_env,
+        {
+            "one": [["--devices", "1", "--workdir", str(w1)]],
+            "eight": [["--devices", "8", "--workdir", str(w8)]],
+            "two_processes": two,
+        },
+    )
     one = results["one"]
     assert int(results["eight"]["devices"]) == 8 and int(results["two_processes"]["devices"]) == 4
     for name in ("eight", "two_processes"):
-        other = results[name]
-        np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-4)
-        params = [k for k in one.files if k.startswith("param_")]
-        assert len(params) > 10
-        for k in params:
-            np.testing.assert_allclose(other[k], one[k], rtol=1e-3, atol=1e-5, err_msg=f"{name} {k}")
+        np.testing.assert_allclose(results[name]["losses"], one["losses"], rtol=1e-4)
+        assert_params_close(results[name], one, name)
+    # A checkpoint saved on 1 device resumes on 8, and one saved on 8 resumes on 1: the state arrives unchanged and
+    # the next step agrees.
+    moved = run_workers(
+        tmp_path,
+        subprocess_env,
+        {
+            "eight_from_one": [["--devices", "8", "--workdir", str(w1), "--steps", "4"]],
+            "one_from_eight": [["--devices", "1", "--workdir", str(w8), "--steps", "4"]],
+        },
+    )
+    for name, source in (("eight_from_one", one), ("one_from_eight", results["eight"])):
+        assert int(moved[name]["start"]) == 3 and len(moved[name]["losses"]) == 1
+        for k in (k for k in source.files if k.startswith("param_")):
+            np.testing.assert_array_equal(moved[name][k.replace("param_", "start_")], source[k], err_msg=name)
+    assert int(moved["eight_from_one"]["devices"]) == 8 and int(moved["one_from_eight"]["devices"]) == 1
+    np.testing.assert_allclose(moved["eight_from_one"]["losses"], moved["one_from_eight"]["losses"], rtol=1e-4)
+    assert_params_close(moved["eight_from_one"], moved["one_from_eight"], "after the move")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,0 +1,42 @@
+"""A persistent XLA compilation cache shared by the test processes, and an environment for subprocesses using it.
+
+Compiling the train step of even a tiny UNet takes ~20 s on this CPU, and several tests (in this process, in other
+xdist workers, and in the train.py subprocesses they start) compile the same programs: all but the first load them
+from the cache (~1 s each). The cache lives under pytest's temporary root for this session, so no run reuses another
+run's programs. Only programs that took over a second to compile are stored.
+"""
+
+import os
+import pathlib
+import tempfile
+
+import jax
+import pytest
+
+MIN_COMPILE_SECS = "1"
+
+
+def _cache_dir(config) -> pathlib.Path:
+    # xdist workers get basetemp .../pytest-N/popen-gwK; the controller's is .../pytest-N: share .../pytest-N.
+    factory = getattr(config, "_tmp_path_factory", None)
+    base = factory.getbasetemp() if factory is not None else pathlib.Path(tempfile.mkdtemp())
+    root = base.parent if base.name.startswith("popen-gw") else base
+    path = root / "xla-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pytest_configure(config):
+    jax.config.update("jax_compilation_cache_dir", str(_cache_dir(config)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(MIN_COMPILE_SECS))
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(pytestconfig):
+    """``os.environ`` plus the shared compilation cache, for train.py and worker subprocesses."""
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(_cache_dir(pytestconfig)),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": MIN_COMPILE_SECS,
+        "JAX_PLATFORMS": "cpu",
+    }
