@@ -28,8 +28,8 @@ if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 
 
-def torch_peer(model_cfg, batch, seed=0):
-    """diffusers' UNet2DModel of ``model_cfg``'s architecture, its converted params, and a training step closure."""
+def diffusers_unet(model_cfg, seed=0):
+    """diffusers' UNet2DModel of ``model_cfg``'s architecture (random init from ``seed``) and its converted params."""
     import torch
     from diffusers import UNet2DModel
 
@@ -53,6 +53,14 @@ def torch_peer(model_cfg, batch, seed=0):
         dropout=model_cfg.dropout,
     )
     params = convert_diffusers_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, model_cfg)
+    return model, params
+
+
+def torch_peer(model_cfg, batch, seed=0):
+    """diffusers' UNet2DModel of ``model_cfg``'s architecture, its converted params, and a training step closure."""
+    import torch
+
+    model, params = diffusers_unet(model_cfg, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     ema = [p.detach().clone() for p in model.parameters()]
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)

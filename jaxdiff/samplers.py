@@ -1,17 +1,86 @@
 """Sampling: start from noise, remove the learned noise step by step; each sampler is one ``lax.scan`` over timesteps.
 
-Pure: the network enters as ``model_fn(x_t, timesteps) -> output`` (called with ``schedule.timestep_map[t]``) and all
-noise comes from one key, ``fold_in(key, t)`` at step t, drawn for the whole batch.
+Pure: the network enters as ``model_fn(x_t, timesteps) -> output`` (called with ``schedule.timestep_map[t]``, so a
+respaced schedule calls the network with the original timesteps). All randomness comes from one key: x_T is
+``normal(fold_in(key, T))`` and step t's noise ``normal(fold_in(key, t))``, each drawn for the whole batch, so under
+``jax.jit`` with the batch sharded over devices (:func:`shard_sampler`) the same key gives the same images whatever the
+number of devices (JAX's partitionable threefry).
+
+Samplers:
+  - :func:`ddpm_sample`: ancestral sampling (DDPM Algorithm 2) for every prediction (eps, x0, v) and variance
+    (fixed small/large, learned, learned range), on the full or a respaced schedule;
+  - :func:`ddim_sample`: DDIM (Song et al. 2021) with ``eta`` (0: deterministic; 1: the DDPM posterior variance of the
+    schedule it runs on), on any respaced schedule (:func:`sampling_schedule`);
+  - :func:`ddim_invert`: DDIM run backwards (eta = 0): an image to the x_T that DDIM decodes back to it;
+  - :func:`guided`: classifier-free guidance wrapped around a conditional network.
+Each returns the final x_0, and with ``trajectory_every=k`` also a :class:`Trajectory` of x_t and the predicted x_0
+after every k steps.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn
-from jaxdiff.schedules import Schedule
+from jaxdiff.schedules import Schedule, beta_schedule, respace, space_timesteps
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class Trajectory(NamedTuple):
+    """Snapshots after every k steps of a sampler, ``n = ceil(steps / k)`` of them (the last one after the last step).
+
+    Attributes:
+      x: ``[n, B, ...]``, the latent after the snapshot's step: x_{t-1} (x_0 at the end) for sampling, x_{t} for
+        inversion.
+      pred_x0: ``[n, B, ...]``, the x_0 predicted at that step.
+      t: ``[n]`` int32, the index (in the schedule sampled from) of the step just taken.
+    """
+
+    x: jax.Array
+    pred_x0: jax.Array
+    t: jax.Array
+
+
+def sampling_schedule(
+    name: str, num_timesteps: int, steps: int | None = None, spacing: str = "even", **schedule_kwargs
+) -> Schedule:
+    """The schedule to sample from: beta schedule ``name`` of ``num_timesteps`` steps, respaced to ``steps``.
+
+    Respacing keeps abar at the kept steps (computed from float64 betas); ``steps=None`` or ``num_timesteps`` keeps all.
+
+    Raises:
+      ValueError: ``steps`` < 1 or > ``num_timesteps``.
+    """
+    steps = num_timesteps if steps is None else steps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}] (the model's T), got {steps}.")
+    betas = beta_schedule(name, num_timesteps, **schedule_kwargs)
+    return respace(betas, space_timesteps(num_timesteps, steps, spacing))
+
+
+def _check_eta(eta: float) -> None:
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
+
+
+def _model_prediction(
+    schedule: Schedule, model_fn: ModelFn, x_t, t_batch, prediction: str, variance: str, clip_x0: bool
+):
+    """(pred_x0, pred_eps) at (x_t, t); eps re-derived from the clipped x_0 when clipping."""
+    out = model_fn(x_t, jnp.take(schedule.timestep_map, t_batch))
+    pred, _ = diffusion.split_model_output(out, x_t, variance)
+    pred_x0, pred_eps = diffusion.x0_and_eps(schedule, x_t, t_batch, pred, prediction)
+    if clip_x0:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+        pred_eps = diffusion.predict_eps_from_x0(schedule, x_t, t_batch, pred_x0)
+    return pred_x0, pred_eps
 
 
 def ddpm_step(
@@ -25,11 +94,12 @@ def ddpm_step(
     variance: str = "fixed_small",
     clip_x0: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """One ancestral step (DDPM Algorithm 2): x_{t-1} = mu_theta(x_t, t) + sigma_t z, with no noise at t = 1.
+    """One ancestral step (DDPM Algorithm 2): x_{t-1} = mu_theta(x_t, t) + sigma_t z, with no noise at the last step.
 
     Args:
       x_t: ``[B, ...]``.
       t: scalar int, the 0-indexed step of ``schedule``.
+      key: the step's noise key.
 
     Returns:
       (x_{t-1}, predicted x_0), both ``[B, ...]``.
@@ -44,6 +114,72 @@ def ddpm_step(
     return x_prev, p.pred_x0
 
 
+def ddim_step(
+    schedule: Schedule,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t: jax.Array,
+    key: jax.Array,
+    *,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step (Song et al. 2021, eq. 12) from index t to t - 1 of ``schedule`` (usually a respaced one).
+
+    x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma^2) eps_hat + sigma z, with
+    sigma^2 = eta^2 (1 - abar_{t-1}) / (1 - abar_t) (1 - abar_t / abar_{t-1}) = eta^2 beta~_t (on this schedule).
+    A learned variance output is ignored (its mean half is used).
+
+    Returns:
+      (x_{t-1}, predicted x_0).
+    """
+    t_batch = jnp.full((x_t.shape[0],), t, jnp.int32)
+    pred_x0, pred_eps = _model_prediction(schedule, model_fn, x_t, t_batch, prediction, variance, clip_x0)
+    abar_prev = schedule.alphas_cumprod_prev[t]
+    sigma2 = eta**2 * schedule.posterior_variance[t]
+    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0))
+    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+    x_prev = jnp.sqrt(abar_prev) * pred_x0 + direction * pred_eps + jnp.sqrt(sigma2) * noise
+    return x_prev.astype(x_t.dtype), pred_x0
+
+
+def _scan_steps(step_fn, x_init, ts, trajectory_every: int | None):
+    """Run ``step_fn(x, t) -> (x_next, pred_x0)`` over ``ts`` in one scan; snapshots every k steps if asked."""
+    if trajectory_every is None:
+        x, _ = jax.lax.scan(lambda x, t: (step_fn(x, t)[0], None), x_init, ts)
+        return x, None
+    if trajectory_every < 1:
+        raise ValueError(f"trajectory_every must be >= 1, got {trajectory_every}.")
+    n = ts.shape[0]
+    k = min(trajectory_every, n)
+    chunks = -(-n // k)
+    padded = jnp.concatenate([ts, jnp.full((chunks * k - n,), -1, ts.dtype)]).reshape(chunks, k)
+
+    def inner(carry, t):
+        x, pred_x0, last_t = carry
+        new_x, new_pred = jax.lax.cond(t >= 0, step_fn, lambda x, t: (x, pred_x0), x, t)
+        return (new_x, new_pred, jnp.where(t >= 0, t, last_t)), None
+
+    def outer(carry, chunk):
+        carry, _ = jax.lax.scan(inner, carry, chunk)
+        return carry, carry
+
+    init = (x_init, jnp.zeros_like(x_init), jnp.asarray(-1, ts.dtype))
+    (x, _, _), (xs, preds, last_ts) = jax.lax.scan(outer, init, padded)
+    return x, Trajectory(xs, preds, last_ts)
+
+
+def _sample_down(step, key, shape, T, x_T, trajectory_every):
+    """``step(x_t, t, key_t)`` from x_T (given, or ``normal(fold_in(key, T))``) through t = T-1, ..., 0, with
+    ``key_t = fold_in(key, t)``."""
+    x_T = jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+    keyed = lambda x, t: step(x, t, jax.random.fold_in(key, t))
+    x, traj = _scan_steps(keyed, x_T, jnp.arange(T - 1, -1, -1, dtype=jnp.int32), trajectory_every)
+    return x if trajectory_every is None else (x, traj)
+
+
 def ddpm_sample(
     schedule: Schedule,
     model_fn: ModelFn,
@@ -53,34 +189,131 @@ def ddpm_sample(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = True,
-) -> jax.Array:
-    """Ancestral sampling from x_T ~ N(0, I) down to x_0, as one ``lax.scan`` over the T steps of ``schedule``.
+    x_T: jax.Array | None = None,
+    trajectory_every: int | None = None,
+):
+    """Ancestral sampling from x_T ~ N(0, I) down to x_0, as one ``lax.scan`` over the steps of ``schedule``.
 
     Args:
       shape: ``[B, ...]`` of the images.
-      key: the noise of x_T is ``normal(fold_in(key, T))``; of step t, ``normal(fold_in(key, t))``.
+      key: x_T is ``normal(fold_in(key, T))`` (unless ``x_T`` is given); step t's noise ``normal(fold_in(key, t))``.
+      x_T: the starting noise, to override the key's.
+      trajectory_every: also return a :class:`Trajectory` with snapshots after every this many steps.
 
     Returns:
-      x_0, ``[B, ...]`` (in [-1, 1] up to the last step's mean when ``clip_x0``).
+      x_0 ``[B, ...]`` (within [-1, 1] up to the last step's mean when ``clip_x0``), or ``(x_0, Trajectory)``.
     """
-    T = schedule.num_timesteps
-    x_T = jax.random.normal(jax.random.fold_in(key, T), shape)
+    step = functools.partial(ddpm_step, schedule, model_fn, prediction=prediction, variance=variance, clip_x0=clip_x0)
+    return _sample_down(step, key, shape, schedule.num_timesteps, x_T, trajectory_every)
 
-    def body(x_t, t):
-        x_prev, _ = ddpm_step(
-            schedule,
-            model_fn,
-            x_t,
-            t,
-            jax.random.fold_in(key, t),
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
+
+def ddim_sample(
+    schedule: Schedule,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    *,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+    x_T: jax.Array | None = None,
+    trajectory_every: int | None = None,
+):
+    """DDIM sampling over the steps of ``schedule`` (respace it with :func:`sampling_schedule` for fewer steps).
+
+    With ``eta = 0`` the result is a deterministic function of x_T; with ``eta = 1`` each step adds the DDPM posterior
+    variance of ``schedule`` and equals ancestral sampling with ``variance='fixed_small'``. Arguments as
+    :func:`ddpm_sample`.
+
+    Raises:
+      ValueError: ``eta`` < 0.
+    """
+    _check_eta(eta)
+    step = functools.partial(
+        ddim_step, schedule, model_fn, eta=eta, prediction=prediction, variance=variance, clip_x0=clip_x0
+    )
+    return _sample_down(step, key, shape, schedule.num_timesteps, x_T, trajectory_every)
+
+
+def ddim_invert(
+    schedule: Schedule,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    trajectory_every: int | None = None,
+):
+    """Encode images into the x_T that deterministic DDIM (eta = 0, no clipping) on ``schedule`` decodes back to them.
+
+    Runs the DDIM update forwards: from level abar_{t-1} (abar = 1 for the image) to abar_t, with the network's eps at
+    the target step t evaluated on the current latent (the usual approximation eps(x_t, t) ~ eps(x_{t-1}, t), exact as
+    the steps get small). Returns x_T ``[B, ...]`` (or ``(x_T, Trajectory)``).
+    """
+
+    def step(x, t):
+        t_batch = jnp.full((x.shape[0],), t, jnp.int32)
+        _, eps = _model_prediction(schedule, model_fn, x, t_batch, prediction, variance, False)
+        abar_cur = schedule.alphas_cumprod_prev[t]
+        abar_next = schedule.alphas_cumprod[t]
+        pred_x0 = (x - jnp.sqrt(1.0 - abar_cur) * eps) / jnp.sqrt(abar_cur)
+        return jnp.sqrt(abar_next) * pred_x0 + jnp.sqrt(1.0 - abar_next) * eps, pred_x0
+
+    ts = jnp.arange(schedule.num_timesteps, dtype=jnp.int32)
+    x, traj = _scan_steps(step, x0, ts, trajectory_every)
+    return x if trajectory_every is None else (x, traj)
+
+
+def guided(
+    apply_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    labels: jax.Array,
+    null_label: int,
+    scale: float,
+    *,
+    variance: str = "fixed_small",
+) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022): ``(1 + w) f(x, t, y) - w f(x, t, null)`` as a ``model_fn``.
+
+    Args:
+      apply_fn: the conditional network, ``apply_fn(x_t, timesteps, labels) -> output``.
+      labels: ``[B]`` int class labels.
+      null_label: the label of the unconditional model (``num_classes`` for jaxdiff's UNet).
+      scale: w; 0 is the plain conditional model. Both branches run in one batched call.
+      variance: with a learned variance only the prediction half is guided; the variance half is the conditional one.
+
+    The combination is affine with weights summing to 1, so guiding the raw output is the same as guiding eps for
+    eps, x0 and v predictions alike.
+    """
+
+    def model_fn(x_t, timesteps):
+        both = apply_fn(
+            jnp.concatenate([x_t, x_t]),
+            jnp.concatenate([timesteps, timesteps]),
+            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
         )
-        return x_prev, None
+        cond, uncond = jnp.split(both, 2)
+        if variance in diffusion.LEARNED_VARIANCES:
+            (c_pred, c_var), (u_pred, _) = jnp.split(cond, 2, axis=-1), jnp.split(uncond, 2, axis=-1)
+            return jnp.concatenate([(1.0 + scale) * c_pred - scale * u_pred, c_var], axis=-1)
+        return (1.0 + scale) * cond - scale * uncond
 
-    x_0, _ = jax.lax.scan(body, x_T, jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
-    return x_0
+    return model_fn
+
+
+def shard_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh, batch_args: tuple[bool, ...]) -> Callable:
+    """``jax.jit`` of ``sample_fn`` with its output's batch (leading) axis split over ``mesh``'s ``data`` axis.
+
+    Args:
+      batch_args: one flag per positional argument of ``sample_fn``: True to split it along its leading axis too
+        (e.g. labels), False to replicate it (parameters, keys).
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    in_shardings = tuple(batch if split else replicated for split in batch_args)
+    return jax.jit(sample_fn, in_shardings=in_shardings, out_shardings=batch)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

@@ -1,0 +1,322 @@
+"""Samplers: with the exact denoiser of Gaussian data they reproduce the data's mean and covariance; the scan equals a
+Python loop step by step; DDIM is deterministic at eta = 0, equals DDPM at eta = 1, and inverts; respacing with all
+steps changes nothing; guidance at w = 0 is the conditional model; trajectories; bad input."""
+
+import dataclasses
+import functools
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import checkpoints, generate, samplers, training
+from jaxdiff.models import UNetConfig, init_params
+from jaxdiff.schedules import beta_schedule, make_schedule
+
+T = 1000
+SHAPE = (2, 2, 1)  # four dimensions per "image", independent Gaussians
+DATA_MEAN = np.array([0.5, -0.3, 0.2, 0.0], np.float32).reshape(SHAPE)
+DATA_VAR = np.array([0.25, 0.04, 0.5, 0.1], np.float32).reshape(SHAPE)
+
+
+FULL = make_schedule("linear", T)
+
+
+def optimal_eps(x_t, timesteps):
+    """E[eps | x_t] for data N(DATA_MEAN, diag(DATA_VAR)): sqrt(1 - a) (x_t - sqrt(a) mu) / (a var + 1 - a)."""
+    a = FULL.alphas_cumprod[timesteps].reshape((-1,) + (1,) * len(SHAPE))
+    return jnp.sqrt(1.0 - a) * (x_t - jnp.sqrt(a) * DATA_MEAN) / (a * DATA_VAR + 1.0 - a)
+
+
+def optimal_output(prediction):
+    """The same optimal model, predicting eps, x0 or v."""
+
+    def model_fn(x_t, timesteps):
+        a = FULL.alphas_cumprod[timesteps].reshape((-1,) + (1,) * len(SHAPE))
+        eps = optimal_eps(x_t, timesteps)
+        x0 = (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        return {"eps": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * x0}[prediction]
+
+    return model_fn
+
+
+def assert_moments_match_the_data(x, slack=0.01):
+    """Mean and variance within 5 standard errors of the sample (plus ``slack`` for the sampler's own bias)."""
+    x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    n = x.shape[0]
+    mean, var = DATA_MEAN.ravel(), DATA_VAR.ravel()
+    np.testing.assert_array_less(np.abs(x.mean(0) - mean), 5 * np.sqrt(var / n) + slack)
+    np.testing.assert_array_less(np.abs(x.var(0) - var), 5 * var * np.sqrt(2 / n) + slack)
+    cov = np.cov(x.T)
+    off = cov[~np.eye(cov.shape[0], dtype=bool)]
+    assert np.all(np.abs(off) < 5 * np.sqrt(np.outer(var, var)[~np.eye(4, dtype=bool)] / n) + slack)
+
+
+N = 8000
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddpm_sampling_with_the_optimal_denoiser_reproduces_the_data(prediction):
+    sample = jax.jit(
+        lambda key: samplers.ddpm_sample(
+            FULL, optimal_output(prediction), (N, *SHAPE), key, prediction=prediction, clip_x0=False
+        )
+    )
+    assert_moments_match_the_data(sample(jax.random.key(0)))
+
+
+@pytest.mark.parametrize(("steps", "eta"), [(100, 0.0), (250, 0.5), (1000, 1.0)])
+def test_ddim_sampling_with_the_optimal_denoiser_reproduces_the_data(steps, eta):
+    schedule = samplers.sampling_schedule("linear", T, steps)
+    sample = jax.jit(lambda key: samplers.ddim_sample(schedule, optimal_eps, (N, *SHAPE), key, eta=eta, clip_x0=False))
+    assert_moments_match_the_data(sample(jax.random.key(1)), slack=0.02)
+
+
+def test_the_data_check_has_power():
+    """The moment check above rejects samples from a distribution only slightly off the data."""
+    x = DATA_MEAN + np.sqrt(DATA_VAR * 1.15) * np.random.default_rng(0).standard_normal((N, *SHAPE))
+    with pytest.raises(AssertionError):
+        assert_moments_match_the_data(x)
+
+
+def python_loop(step_fn, x, ts, key):
+    xs, preds = [], []
+    for t in ts:
+        x, pred = step_fn(x, jnp.int32(t), jax.random.fold_in(key, t))
+        xs.append(x)
+        preds.append(pred)
+    return np.stack(xs), np.stack(preds)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_the_scan_equals_a_python_loop_step_by_step(sampler):
+    schedule = samplers.sampling_schedule("linear", T, 20)
+    key, x_T = jax.random.key(3), jax.random.normal(jax.random.key(4), (5, *SHAPE))
+    kwargs = {"variance": "fixed_large"} if sampler == "ddpm" else {"eta": 0.7}
+    step = functools.partial(getattr(samplers, f"{sampler}_step"), schedule, optimal_eps, clip_x0=True, **kwargs)
+    ref_x, ref_pred = python_loop(step, x_T, range(19, -1, -1), key)
+    run = getattr(samplers, f"{sampler}_sample")
+    x0, traj = jax.jit(
+        lambda: run(schedule, optimal_eps, x_T.shape, key, x_T=x_T, trajectory_every=1, clip_x0=True, **kwargs)
+    )()
+    np.testing.assert_allclose(traj.x, ref_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(traj.pred_x0, ref_pred, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(traj.t, np.arange(19, -1, -1))
+    np.testing.assert_array_equal(x0, traj.x[-1])
+
+
+def test_trajectories_have_the_documented_shapes():
+    schedule = samplers.sampling_schedule("linear", T, 10)
+    x0, traj = samplers.ddim_sample(schedule, optimal_eps, (3, *SHAPE), jax.random.key(0), trajectory_every=4)
+    chex.assert_shape([traj.x, traj.pred_x0], (3, 3, *SHAPE))  # ceil(10 / 4) snapshots: after steps 4, 8 and 10
+    np.testing.assert_array_equal(traj.t, [6, 2, 0])
+    full = samplers.ddim_sample(schedule, optimal_eps, (3, *SHAPE), jax.random.key(0))
+    np.testing.assert_array_equal(traj.x[-1], full)
+    np.testing.assert_array_equal(x0, full)
+    _, every_step = samplers.ddim_sample(schedule, optimal_eps, (3, *SHAPE), jax.random.key(0), trajectory_every=1)
+    np.testing.assert_array_equal(every_step.x[np.array([3, 7, 9])], traj.x)
+
+
+def test_ddim_with_eta_0_is_deterministic_and_inverts():
+    x_T = jax.random.normal(jax.random.key(0), (64, *SHAPE))
+    errors = {}
+    for steps in (100, 500):
+        schedule = samplers.sampling_schedule("linear", T, steps)
+        decode = jax.jit(
+            lambda x_T, key, s=schedule: samplers.ddim_sample(s, optimal_eps, x_T.shape, key, x_T=x_T, clip_x0=False)
+        )
+        images = decode(x_T, jax.random.key(1))
+        np.testing.assert_array_equal(images, decode(x_T, jax.random.key(2)))  # the key plays no part at eta = 0
+        encoded = jax.jit(lambda x, s=schedule: samplers.ddim_invert(s, optimal_eps, x))(images)
+        errors[steps] = float(jnp.max(jnp.abs(decode(encoded, jax.random.key(3)) - images)))
+        assert float(jnp.max(jnp.abs(encoded - x_T))) < 0.1 * 500 / steps
+    # Images have std ~0.5; the round trip is off by ~1e-2 at 500 steps and the error falls as the steps shrink
+    # (measured 0.054 at 100 steps, 0.012 at 500: first order in the step, like the approximation it makes).
+    assert errors[500] < 0.02 and errors[500] < errors[100] / 3
+
+
+def test_ddim_with_eta_1_is_ancestral_sampling_on_the_same_schedule():
+    schedule = samplers.sampling_schedule("linear", T, 25, spacing="quadratic")
+    key = jax.random.key(7)
+    ddim = samplers.ddim_sample(schedule, optimal_eps, (16, *SHAPE), key, eta=1.0)
+    ddpm = samplers.ddpm_sample(schedule, optimal_eps, (16, *SHAPE), key, variance="fixed_small")
+    np.testing.assert_allclose(ddim, ddpm, rtol=1e-5, atol=1e-5)
+
+
+def test_respacing_with_all_steps_is_plain_ddpm():
+    respaced = samplers.sampling_schedule("linear", T, T)
+    np.testing.assert_array_equal(respaced.timestep_map, np.arange(T))
+    np.testing.assert_allclose(respaced.betas, FULL.betas, rtol=1e-6)
+    key = jax.random.key(5)
+    run = jax.jit(lambda s: samplers.ddpm_sample(s, optimal_eps, (8, *SHAPE), key), static_argnums=())
+    np.testing.assert_allclose(run(respaced), run(FULL), rtol=1e-5, atol=1e-6)
+
+
+def test_learned_variances_sample_with_their_own_variance():
+    """A learned-range output of +1 everywhere is sigma^2 = beta (fixed_large's variance, but at every step)."""
+    schedule = samplers.sampling_schedule("linear", T, 10)
+    key, shape = jax.random.key(2), (4, *SHAPE)
+
+    def learned(x, t):
+        return jnp.concatenate([optimal_eps(x, t), jnp.ones_like(x)], axis=-1)
+
+    x = samplers.ddpm_sample(schedule, learned, shape, key, variance="learned_range", clip_x0=False)
+    ref_x, _ = python_loop(
+        lambda x, t, k: samplers.ddpm_step(schedule, learned, x, t, k, variance="learned_range", clip_x0=False),
+        jax.random.normal(jax.random.fold_in(key, 10), shape),
+        range(9, -1, -1),
+        key,
+    )
+    np.testing.assert_allclose(x, ref_x[-1], rtol=1e-5, atol=1e-6)
+    # DDIM uses the mean half only: the variance half changes nothing.
+    a = samplers.ddim_sample(schedule, learned, shape, key, variance="learned_range")
+    b = samplers.ddim_sample(schedule, optimal_eps, shape, key)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_at_w_0_is_the_conditional_model_and_extrapolates_otherwise():
+    def apply(x, t, labels):  # a "conditional network": the label shifts the prediction
+        return optimal_eps(x, t) + 0.1 * labels.reshape(-1, 1, 1, 1).astype(jnp.float32)
+
+    labels, null = jnp.array([0, 3, 5, 9]), 10
+    x, t = jax.random.normal(jax.random.key(0), (4, *SHAPE)), jnp.array([10, 200, 500, 999])
+    np.testing.assert_allclose(samplers.guided(apply, labels, null, 0.0)(x, t), apply(x, t, labels), rtol=1e-6)
+    w = 2.5
+    expected = (1 + w) * apply(x, t, labels) - w * apply(x, t, jnp.full_like(labels, null))
+    np.testing.assert_allclose(samplers.guided(apply, labels, null, w)(x, t), expected, rtol=1e-5, atol=1e-6)
+    learned = samplers.guided(
+        lambda x, t, y: jnp.concatenate([apply(x, t, y), y.reshape(-1, 1, 1, 1) + 0 * x], -1),
+        labels,
+        null,
+        w,
+        variance="learned",
+    )(x, t)
+    np.testing.assert_allclose(learned[..., :1], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(learned[..., 1:], np.broadcast_to(labels.reshape(-1, 1, 1, 1), x.shape))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 1000\]"):
+        samplers.sampling_schedule("linear", T, 1001)
+    with pytest.raises(ValueError, match="steps must lie"):
+        samplers.sampling_schedule("linear", T, 0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        samplers.ddim_sample(FULL, optimal_eps, (1, *SHAPE), jax.random.key(0), eta=-0.1)
+    with pytest.raises(ValueError, match="trajectory_every must be >= 1"):
+        samplers.ddim_sample(FULL, optimal_eps, (1, *SHAPE), jax.random.key(0), trajectory_every=0)
+    np.testing.assert_allclose(beta_schedule("linear", T)[[0, -1]], [1e-4, 0.02])
+
+
+# ----------------------------------------------------------------------------------- sample.py and many devices
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NET = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+
+
+def fake_run(workdir, network=NET, **diffusion):
+    """A workdir with one checkpoint of made-up parameters (no init compile), as train.py would leave it."""
+    config = importlib.import_module("configs.tiny").get_config()
+    for key, value in diffusion.items():
+        setattr(config.diffusion, key, value)
+    shapes = jax.eval_shape(lambda: init_params(network, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
+    state = training.TrainState(jnp.int32(3), params, params, (), jnp.zeros(1), jnp.zeros(1))
+    mngr = checkpoints.manager(workdir)
+    checkpoints.save(mngr, 3, state, config, network)
+    checkpoints.wait(mngr)
+    mngr.close()
+
+
+def test_sample_py_writes_the_grid_the_pngs_and_an_npz_for_fid_tools(tmp_path, subprocess_env):
+    fake_run(tmp_path / "run")
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"--workdir={tmp_path / 'run'}", "--num_samples=10"]
+    result = subprocess.run(
+        [*cmd, "--batch_size=4", "--sampler=ddim", "--steps=5", f"--out={tmp_path / 'out'}"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"Wrote 10 images 8x8x1 .* images/s", result.stdout), result.stdout
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
+    from PIL import Image
+
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir())[-1] == "000009.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "images" / "000004.png")), images[4, ..., 0])
+    assert (tmp_path / "out" / "grid.png").is_file()
+    # The same request gives the same images (batch i from fold_in(key(seed), i)); bad requests fail clearly.
+    model = generate.load_workdir(tmp_path / "run")
+    run = generate.make_sampler(model, "ddim", 5)
+    np.testing.assert_array_equal(generate.generate(model, run, 10, 4, seed=0), images)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"--workdir={tmp_path / 'none'}"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert missing.returncode == 2 and "No checkpoint in" in missing.stderr
+
+
+def test_bad_sampling_requests_fail_before_any_compile(tmp_path):
+    fake_run(tmp_path)
+    model = generate.load_workdir(tmp_path)
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 100\]"):
+        generate.check_request(model, "ddim", 101, 0.0, None, 0.0)
+    with pytest.raises(ValueError, match="steps must lie"):
+        generate.check_request(model, "ddpm", 0, 0.0, None, 0.0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        generate.check_request(model, "ddim", 10, -1.0, None, 0.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate.check_request(model, "ddim", 10, 0.0, 3, 0.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate.check_request(model, "ddim", 10, 0.0, None, 2.0)
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        generate.check_request(model, "dpm", 10, 0.0, None, 0.0)
+    conditional = dataclasses.replace(model, network=dataclasses.replace(NET, num_classes=10))
+    with pytest.raises(ValueError, match=r"label must lie in \[0, 9\]"):
+        generate.check_request(conditional, "ddpm", None, 0.0, 10, 1.0)
+    np.testing.assert_array_equal(generate.labels_for(5, 3, None), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(generate.labels_for(3, 3, 2), [2, 2, 2])
+
+
+SHARDED = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from jaxdiff import generate
+from jaxdiff.training import make_mesh
+model = generate.load_workdir(sys.argv[2])
+key = jax.random.key(11)
+one = generate.make_sampler(model, "ddpm", 4, mesh=make_mesh(jax.devices()[:1]))(model.params, key, None, 16)
+eight = generate.make_sampler(model, "ddpm", 4, mesh=make_mesh())(model.params, key, None, 16)
+assert len(eight.sharding.device_set) == 8 and len(one.sharding.device_set) == 1
+np.savez(sys.argv[3], one=np.asarray(one), eight=np.asarray(eight))
+"""
+
+
+def test_the_same_key_gives_the_same_images_on_one_and_eight_devices(tmp_path, subprocess_env):
+    fake_run(tmp_path / "run")
+    out = tmp_path / "images.npz"
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(ROOT), str(tmp_path / "run"), str(out)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = np.load(out)
+    assert images["one"].std() > 0.1  # 16 different images
+    np.testing.assert_allclose(images["eight"], images["one"], rtol=1e-5, atol=1e-5)
