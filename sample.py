@@ -91,11 +91,12 @@ def main(argv):
     if is_main:
         paths = generate.write_outputs(images, out, individual=FLAGS.individual)
         # The first batch includes the compile; the rate after it is the sampler's own.
-        after_first = (len(times) - 1) * batch / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+        rate = f"{len(images) / total:.2f} images/s overall"
+        if len(times) > 1:
+            rate += f", {(len(times) - 1) * batch / (times[-1] - times[0]):.2f} images/s after the first batch"
         print(
             f"Wrote {len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} to {out} "
-            f"({paths['grid']}, {paths['npz']}) in {total:.1f} s: {len(images) / total:.2f} images/s overall, "
-            f"{after_first:.2f} images/s after the first batch (which includes the compile).",
+            f"({paths['grid']}, {paths['npz']}) in {total:.1f} s (the first batch includes the compile): {rate}.",
             flush=True,
         )
     return 0
