@@ -10,13 +10,11 @@ import os
 import sys
 import time
 
-# On CPUs, XLA's default fusion of convolutions is slow (benchmarks/README.md); as train.py.
-if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-    ).strip()
-
 from absl import app, flags, logging
+
+from jaxdiff.xla_flags import use_fast_cpu_convolutions
+
+use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir: its newest checkpoint's EMA parameters and config.")

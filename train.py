@@ -3,16 +3,12 @@
 Intentionally short: parse flags, set up (multi-host) JAX, then ``jaxdiff.experiment.train_and_evaluate``.
 """
 
-import os
-
-# On CPUs, XLA's default fusion of convolutions makes weight gradients ~1.7x slower (benchmarks/README.md).
-if "--xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-    ).strip()
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxdiff.xla_flags import use_fast_cpu_convolutions
+
+use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/digits.py", "The run's config file.", lock_config=True)

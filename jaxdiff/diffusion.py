@@ -230,6 +230,28 @@ def split_model_output(model_output: Array, x_t: Array, variance: str) -> tuple[
     return jnp.split(model_output, 2, axis=-1)
 
 
+def predictions_from_output(
+    schedule: Schedule,
+    model_output: Array,
+    x_t: Array,
+    t: Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = False,
+) -> tuple[Array, Array, Array | None]:
+    """(predicted x_0, predicted eps, variance output or None) from a network output at (x_t, t).
+
+    With ``clip_x0`` the x_0 prediction is clipped to [-1, 1] and eps is derived again from the clipped x_0.
+    """
+    pred, var_out = split_model_output(model_output, x_t, variance)
+    pred_x0, pred_eps = x0_and_eps(schedule, x_t, t, pred, prediction)
+    if clip_x0:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+        pred_eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
+    return pred_x0, pred_eps, var_out
+
+
 def p_mean_variance(
     schedule: Schedule,
     model_output: Array,
@@ -253,11 +275,9 @@ def p_mean_variance(
     Returns:
       PMeanVariance; ``mean`` is the posterior mean at the predicted x_0, which equals the eps form of DDPM eq. 11.
     """
-    pred, var_out = split_model_output(model_output, x_t, variance)
-    pred_x0, pred_eps = x0_and_eps(schedule, x_t, t, pred, prediction)
-    if clip_x0:
-        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
-        pred_eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
+    pred_x0, pred_eps, var_out = predictions_from_output(
+        schedule, model_output, x_t, t, prediction=prediction, variance=variance, clip_x0=clip_x0
+    )
     mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
 
     if variance == "fixed_small":

@@ -72,9 +72,8 @@ def unet_config(config: ml_collections.ConfigDict, in_channels: int, num_classes
 
 
 def schedule_from(config: ml_collections.ConfigDict) -> Schedule:
-    d = config.diffusion
-    kwargs = {} if d.beta_schedule == "cosine" else {"beta_start": d.beta_start, "beta_end": d.beta_end}
-    return make_schedule(d.beta_schedule, d.num_timesteps, **kwargs)
+    d = config.diffusion  # beta_start/beta_end are ignored by the cosine schedule
+    return make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
 def objective(config: ml_collections.ConfigDict) -> Objective:

@@ -57,7 +57,7 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> Model:
     """The EMA parameters and settings of the newest readable checkpoint of a training run (or of ``step``)."""
     ckpt = checkpoints.load_for_sampling(workdir, step)
     d = ckpt.config.diffusion
-    kwargs = {} if d.beta_schedule == "cosine" else {"beta_start": d.beta_start, "beta_end": d.beta_end}
+    kwargs = {"beta_start": d.beta_start, "beta_end": d.beta_end}  # ignored by the cosine schedule
     return Model(
         network=ckpt.model,
         params=ckpt.ema_params,
@@ -89,14 +89,11 @@ def load_diffusers(path: str | os.PathLike, download: bool = False) -> Model:
     name = settings.get("beta_schedule", "linear")
     if name not in _DIFFUSERS_SCHEDULES:
         raise ValueError(f"The scheduler's beta_schedule {name!r} is not supported; supported: {_DIFFUSERS_SCHEDULES}.")
-    beta_schedule = _DIFFUSERS_SCHEDULES[name]
-    kwargs = {}
-    if beta_schedule == "linear":
-        kwargs = {"beta_start": settings.get("beta_start", 1e-4), "beta_end": settings.get("beta_end", 0.02)}
+    kwargs = {"beta_start": settings.get("beta_start", 1e-4), "beta_end": settings.get("beta_end", 0.02)}
     return Model(
         network=network,
         params=params,
-        beta_schedule=beta_schedule,
+        beta_schedule=_DIFFUSERS_SCHEDULES[name],
         num_timesteps=int(settings.get("num_train_timesteps", 1000)),
         schedule_kwargs=kwargs,
         prediction=_DIFFUSERS_PREDICTIONS[settings.get("prediction_type", "epsilon")],
@@ -110,8 +107,7 @@ def check_request(model: Model, sampler: str, steps: int | None, eta: float, lab
     """Clear errors for what cannot be sampled, before anything compiles."""
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     model.schedule(steps)  # steps in [1, T]
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
+    samplers.check_eta(eta)
     if sampler == "ddpm" and eta != 0:
         raise ValueError("eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for DDPM.")
     classes = model.network.num_classes

@@ -65,7 +65,8 @@ def sampling_schedule(
     return respace(betas, space_timesteps(num_timesteps, steps, spacing))
 
 
-def _check_eta(eta: float) -> None:
+def check_eta(eta: float) -> None:
+    """Raise a ValueError unless eta >= 0."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
 
@@ -73,13 +74,11 @@ def _check_eta(eta: float) -> None:
 def _model_prediction(
     schedule: Schedule, model_fn: ModelFn, x_t, t_batch, prediction: str, variance: str, clip_x0: bool
 ):
-    """(pred_x0, pred_eps) at (x_t, t); eps re-derived from the clipped x_0 when clipping."""
+    """(pred_x0, pred_eps) of the network at (x_t, t)."""
     out = model_fn(x_t, jnp.take(schedule.timestep_map, t_batch))
-    pred, _ = diffusion.split_model_output(out, x_t, variance)
-    pred_x0, pred_eps = diffusion.x0_and_eps(schedule, x_t, t_batch, pred, prediction)
-    if clip_x0:
-        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
-        pred_eps = diffusion.predict_eps_from_x0(schedule, x_t, t_batch, pred_x0)
+    pred_x0, pred_eps, _ = diffusion.predictions_from_output(
+        schedule, out, x_t, t_batch, prediction=prediction, variance=variance, clip_x0=clip_x0
+    )
     return pred_x0, pred_eps
 
 
@@ -229,7 +228,7 @@ def ddim_sample(
     Raises:
       ValueError: ``eta`` < 0.
     """
-    _check_eta(eta)
+    check_eta(eta)
     step = functools.partial(
         ddim_step, schedule, model_fn, eta=eta, prediction=prediction, variance=variance, clip_x0=clip_x0
     )
