@@ -7,7 +7,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import pytest
 from jaxdiff import checkpoints, experiment, training
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.models import UNetConfig, init_params
+from tests.test_training import free_port, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
@@ -275,9 +275,7 @@ def test_killed_or_preempted_runs_resume_to_bit_identical_parameters(tmp_path, d
 @pytest.mark.slow
 def test_on_two_hosts_a_sigterm_to_one_makes_both_save_the_same_step(tmp_path, digits_dir, subprocess_env):
     """Two processes under jax.distributed (gloo): JAX's preemption service spreads the notice and the hosts agree."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**subprocess_env, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     hosts = [
         subprocess.Popen(
@@ -323,21 +321,9 @@ def test_an_injected_nan_stops_the_run_and_the_newest_checkpoint_is_finite(tmp_p
         return real_global_batch(batch, mesh)
 
     monkeypatch.setattr(experiment, "global_batch", poisoned)
-    config = experiment_config(digits_dir, num_steps=8, checkpoint_every=2, log_every=8)
+    config = tiny_config(digits_dir, num_steps=8, checkpoint_every=2, log_every=8, eval_every=0, sample_every=0)
     with pytest.raises(experiment.NonFiniteLossError, match="at step 5"):
         experiment.train_and_evaluate(config, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
     saved = final_state(tmp_path, 4)
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(saved))
-
-
-def experiment_config(data_dir, **training):
-    import importlib
-
-    config = importlib.import_module("configs.tiny").get_config()
-    config.data.data_dir = str(data_dir)
-    config.training.eval_every = 0
-    config.training.sample_every = 0
-    for key, value in training.items():
-        setattr(config.training, key, value)
-    return config
