@@ -30,4 +30,9 @@ def get_config():
     config.training.eval_every = 1500
     config.training.eval_batch_size = 16
     config.training.checkpoint_every = 500
+    # At the end: the digits classifier's Frechet distance and score of 297 DDIM samples (as many as the test split).
+    config.evaluation.fid_every = 1500
+    config.evaluation.fid_num_samples = 297
+    config.evaluation.fid_batch_size = 100
+    config.evaluation.steps = 50
     return config

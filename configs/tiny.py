@@ -17,4 +17,5 @@ def get_config():
         config.training.eval_every = 4
         config.training.eval_batch_size = 2
         config.training.checkpoint_every = 2
+        config.evaluation.fid_every = 0
     return config

@@ -523,12 +523,14 @@ def variational_bound(
 
     Timesteps are processed ``chunk_size`` at a time (``lax.map`` over chunks, the network called on ``chunk_size * B``
     images at once), so memory is bounded by the chunk and the program does not grow with T. The noise of timestep t
-    is ``normal(fold_in(key, t))``, so the result does not depend on ``chunk_size``.
+    is ``normal(fold_in(key, t))``, so the result does not depend on ``chunk_size``. With one key per example
+    (``key`` of shape ``[B]``), example b's noise is ``normal(fold_in(key[b], t))``: then the result of an example
+    does not depend on which batch it is in either (what an evaluation over a whole split needs).
 
     Args:
       model_fn: ``model_fn(x_t, timesteps) -> output`` on batches of ``chunk_size * B``.
       x0: data in [-1, 1], ``[B, ...]`` (on the 256 levels for the discretised decoder).
-      key: PRNG key of the noise.
+      key: PRNG key of the noise, or ``[B]`` keys, one per example.
       decoder: ``discretized`` (8-bit data, DDPM) or ``gaussian`` (continuous data).
 
     Returns:
@@ -538,13 +540,20 @@ def variational_bound(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     check_choice("decoder", decoder, DECODERS)
     T, B = schedule.num_timesteps, x0.shape[0]
+    per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if per_example and key.shape[0] != B:
+        raise ValueError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
     chunk = min(chunk_size, T)
     num_chunks = -(-T // chunk)
     x0_rep = jnp.broadcast_to(x0[None], (chunk, *x0.shape)).reshape((chunk * B, *x0.shape[1:]))
 
     def chunk_terms(ts: Array) -> Array:  # [chunk] -> [chunk, B]
         ts = jnp.minimum(ts, T - 1)  # the padding of the last chunk repeats T - 1; discarded below
-        noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x0.shape, x0.dtype))(ts)
+        if per_example:
+            draw = lambda k, s: jax.random.normal(jax.random.fold_in(k, s), x0.shape[1:], x0.dtype)
+            noise = jax.vmap(lambda s: jax.vmap(draw, in_axes=(0, None))(key, s))(ts)
+        else:
+            noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x0.shape, x0.dtype))(ts)
         t_flat = jnp.repeat(ts, B)
         x_t = q_sample(schedule, x0_rep, t_flat, noise.reshape(x0_rep.shape))
         out = model_fn(x_t, jnp.take(schedule.timestep_map, t_flat))

@@ -5,6 +5,7 @@ This is the only module that reads a ConfigDict; below it every function takes t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental.multihost_utils import sync_global_devices
 
-from jaxdiff import checkpoints, diffusion, samplers
+from jaxdiff import checkpoints, diffusion, evaluation, features, generate, samplers
 from jaxdiff.data import DataConfig, load_split, make_batches
 from jaxdiff.images import save_grid
 from jaxdiff.models.unet import UNet, UNetConfig
@@ -191,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_fn = shard_train_step(make_train_step(model, schedule, objective_, optimizer, opt, config.seed), mesh)
     draw = sample_fn(model, schedule, config)
     evaluate_bound = bound_fn(model, schedule, config)
+    fid = fid_fn(config, model_cfg, mesh, lambda line: _log(is_main, line))
     writer = _summary_writer(workdir) if is_main else None
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -245,6 +247,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     is_main,
                     f"step {done}  eval bits/dim {bpd['total']:.3f} (prior {bpd['prior']:.2e}, denoising "
                     f"{bpd['denoising']:.3f}, reconstruction {bpd['reconstruction']:.3f})",
+                    progress,
+                )
+            if fid is not None and itstime(done, config.evaluation.fid_every, last):
+                quality = fid(state.ema_params, done)
+                _write(writer, done, {f"eval/{k}": v for k, v in quality.items() if k in ("fid", "score")})
+                _log(
+                    is_main,
+                    f"step {done}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f} "
+                    f"({quality['num_samples']} EMA samples, {quality['features']} features)",
                     progress,
                 )
             if itstime(done, tcfg.sample_every, last):
@@ -315,6 +326,34 @@ def bound_fn(model: UNet, schedule: Schedule, config: ml_collections.ConfigDict)
         )
 
     return jax.jit(bound)
+
+
+def fid_fn(config: ml_collections.ConfigDict, model_cfg: UNetConfig, mesh, log):
+    """``(ema_params, step) -> {"fid", "score", ...}`` on fresh samples, or None when config.evaluation.fid_every <= 0.
+
+    The reference statistics (the training split under the extractor) are computed once and cached; samples at step s
+    are drawn with seed ``config.seed + s``.
+    """
+    e = config.evaluation
+    if e.fid_every <= 0:
+        return None
+    diffusion.check_choice("evaluation.sampler", e.sampler, samplers.SAMPLERS)
+    data = data_config(config, "train")
+    extractor = features.make_extractor(e.features, data, e.inception_weights, batch_size=e.fid_batch_size, mesh=mesh)
+    reference = evaluation.reference_stats(extractor, data, log=log)
+    model = generate.model_from_config(config, model_cfg, None, "EMA")
+    steps = e.steps if e.steps > 0 else None
+    run = generate.make_sampler(model, e.sampler, steps, mesh=mesh)
+    batch = min(e.fid_batch_size, e.fid_num_samples)
+    batch += -batch % mesh.devices.size
+
+    def fid(params, step):
+        model_now = dataclasses.replace(model, params=params)
+        images = generate.generate(model_now, run, e.fid_num_samples, batch, seed=config.seed + step)
+        result = evaluation.sample_quality(extractor, images, reference)
+        return {**result, "features": extractor.name}
+
+    return fid
 
 
 def _evaluate_bpd(bound, params, images, key) -> dict[str, float]:

@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoints, diffusion, samplers
+from jaxdiff.data import DataConfig
 from jaxdiff.images import save_grid
 from jaxdiff.models.unet import UNet, UNetConfig
 from jaxdiff.schedules import Schedule
@@ -46,6 +47,8 @@ class Model:
     variance: str
     clip_x0: bool
     source: str
+    data: DataConfig | None = None  # what it was trained on (a training run's); None for an imported model
+    eval_split: str | None = None  # its held-out split, for the bound in bits/dim
 
     def schedule(self, steps: int | None = None, spacing: str = "even") -> Schedule:
         return samplers.sampling_schedule(
@@ -53,22 +56,30 @@ class Model:
         )
 
 
+def model_from_config(config, network: UNetConfig, params: Any, source: str) -> Model:
+    """A :class:`Model` from a training run's ConfigDict (its diffusion, sampling and data settings)."""
+    from jaxdiff.experiment import data_config  # the one ConfigDict -> DataConfig mapping (imports this module)
+
+    d = config.diffusion
+    return Model(
+        network=network,
+        params=params,
+        beta_schedule=d.beta_schedule,
+        num_timesteps=d.num_timesteps,
+        schedule_kwargs={"beta_start": d.beta_start, "beta_end": d.beta_end},  # ignored by the cosine schedule
+        prediction=d.prediction,
+        variance=d.variance,
+        clip_x0=config.sampling.clip_x0,
+        source=source,
+        data=data_config(config),
+        eval_split=config.data.eval_split,
+    )
+
+
 def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> Model:
     """The EMA parameters and settings of the newest readable checkpoint of a training run (or of ``step``)."""
     ckpt = checkpoints.load_for_sampling(workdir, step)
-    d = ckpt.config.diffusion
-    kwargs = {"beta_start": d.beta_start, "beta_end": d.beta_end}  # ignored by the cosine schedule
-    return Model(
-        network=ckpt.model,
-        params=ckpt.ema_params,
-        beta_schedule=d.beta_schedule,
-        num_timesteps=d.num_timesteps,
-        schedule_kwargs=kwargs,
-        prediction=d.prediction,
-        variance=d.variance,
-        clip_x0=ckpt.config.sampling.clip_x0,
-        source=f"{workdir} (step {ckpt.step}, EMA)",
-    )
+    return model_from_config(ckpt.config, ckpt.model, ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
 
 
 def load_diffusers(path: str | os.PathLike, download: bool = False) -> Model:

@@ -1,0 +1,292 @@
+"""Evaluation: the variational bound in bits/dim over a whole split, FID and the Inception Score.
+
+* :func:`bound_over_split` -- DDPM's NLL (Table 2): the bound's total, its prior, denoising and reconstruction terms
+  and the per-t curve, averaged over every image of a split, with one PRNG key per image (``fold_in(key, index)``) so
+  the figure depends neither on the batch size nor on the device count.
+* :func:`frechet_distance` of two :class:`FeatureStats`, computed in float64:
+  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``; :func:`inception_score`:
+  ``exp(E_x KL(p(y|x) || p(y)))`` over splits of the samples.
+* :func:`reference_stats` -- the statistics of a dataset split under an extractor, computed once and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import diffusion
+from jaxdiff.data import DataConfig, load_split
+from jaxdiff.models.unet import UNet, UNetConfig
+from jaxdiff.schedules import Schedule
+from jaxdiff.training import batch_sharding, make_mesh, replicated
+
+TERMS = ("total", "prior", "denoising", "reconstruction")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature statistics, FID, Inception Score
+
+
+class FeatureStats(NamedTuple):
+    """Mean ``[D]`` and covariance ``[D, D]`` (float64, unbiased) of ``num`` feature vectors."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num: int
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, num=self.num)
+        tmp.replace(path)  # never a half-written cache file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        with np.load(path) as f:
+            return cls(f["mu"], f["sigma"], int(f["num"]))
+
+
+def feature_stats(features: np.ndarray) -> FeatureStats:
+    """Statistics of ``features [N, D]`` accumulated in float64 (in slices, so 50,000 x 2048 needs no float64 copy).
+
+    Warns when N <= D: the covariance is then rank-deficient and the FID estimate biased (the standard is N = 50,000
+    for the 2048 Inception features).
+    """
+    n, d = features.shape
+    if n < 2:
+        raise ValueError(f"Feature statistics need at least 2 samples, got {n}.")
+    if n <= d:
+        warnings.warn(
+            f"FID from {n} samples of {d}-dimensional features: the covariance estimate is rank-deficient and the "
+            f"FID is biased upwards. Use more than {d} samples (50,000 is the standard for Inception features).",
+            UserWarning,
+            stacklevel=2,
+        )
+    total = np.zeros(d, np.float64)
+    for start in range(0, n, 4096):
+        total += features[start : start + 4096].astype(np.float64).sum(axis=0)
+    mu = total / n
+    sigma = np.zeros((d, d), np.float64)
+    for start in range(0, n, 4096):
+        centred = features[start : start + 4096].astype(np.float64) - mu
+        sigma += centred.T @ centred
+    return FeatureStats(mu, sigma / (n - 1), n)
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """The Fréchet distance between the Gaussians N(a.mu, a.sigma) and N(b.mu, b.sigma), in float64.
+
+    tr((S1 S2)^1/2) is computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    S1^1/2 S2 S1^1/2 (same eigenvalues as S1 S2), which avoids the complex round-off of a general matrix sqrtm.
+    """
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"Feature dimensions differ: {a.mu.shape} vs {b.mu.shape}; use the same extractor.")
+    diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
+    s1, s2 = np.asarray(a.sigma, np.float64), np.asarray(b.sigma, np.float64)
+    root = _sqrtm_psd(s1)
+    middle = root @ s2 @ root
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = np.sum(np.sqrt(np.clip(eig, 0.0, None)))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """``exp(E_x KL(p(y|x) || p(y)))`` on each of ``splits`` equal parts of ``probs [N, K]``: (mean, std) over parts.
+
+    Between 1 (every prediction the same, or each one uniform) and K (confident, evenly spread predictions). The
+    digits classifier score uses the same formula with the digits classifier's probabilities.
+    """
+    probs = np.asarray(probs, np.float64)
+    if len(probs) < splits:
+        raise ValueError(f"The Inception Score over {splits} splits needs at least {splits} samples, got {len(probs)}.")
+    scores = []
+    for part in np.array_split(probs, splits):
+        marginal = part.mean(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(axis=1)
+        scores.append(math.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def cache_dir() -> pathlib.Path:
+    """``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``: cached reference statistics (and the Inception weights)."""
+    env = os.environ.get("JAXDIFF_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jaxdiff"
+
+
+def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=print) -> FeatureStats:
+    """The feature statistics of the whole split ``data`` under ``extractor``, from the cache or computed once.
+
+    The cache file, ``<directory>/fid_stats/<extractor>_<dataset>_<split>_<size>.npz``, is written atomically.
+    """
+    name = f"{extractor.name}_{data.dataset}_{data.split}_{data.image_size}"
+    path = pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
+    if path.is_file():
+        try:
+            return FeatureStats.load(path)
+        except (OSError, ValueError, KeyError) as e:
+            log(f"The cached statistics {path} are unreadable ({e}); computing them again.")
+    images, _ = load_split(dataclasses.replace(data, random_flip=False))
+    log(f"Computing the {extractor.name} statistics of {data.dataset} {data.split} ({len(images)} images) once...")
+    features, _ = extractor(images)
+    stats = feature_stats(features)
+    stats.save(path)
+    log(f"Cached them in {path}.")
+    return stats
+
+
+def sample_quality(
+    extractor, images: np.ndarray, reference: FeatureStats, splits: int | None = None
+) -> dict[str, float]:
+    """FID against ``reference`` and the score (Inception Score, or digits classifier score) of uint8 ``images``.
+
+    ``splits`` of the score: by default the standard 10 from 10,000 samples on, else 1 (a split of a few hundred
+    samples estimates p(y) poorly and biases the score down).
+    """
+    features, probs = extractor(images)
+    result = {"fid": frechet_distance(feature_stats(features), reference), "num_samples": len(images)}
+    if probs is not None:
+        splits = splits or (10 if len(images) >= 10_000 else 1)
+        result["score"], result["score_std"] = inception_score(probs, splits=splits)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The bound over a split
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitBound:
+    """The bound averaged over ``num_examples`` images, in bits/dim: the terms, their standard errors, the per-t curve.
+
+    ``per_timestep[0]`` is L_0 (reconstruction) and ``per_timestep[i]`` the KL term L_i at the paper's t = i + 1.
+    """
+
+    total: float
+    prior: float
+    denoising: float
+    reconstruction: float
+    total_stderr: float
+    per_timestep: np.ndarray
+    num_examples: int
+
+    def to_json(self, **extra) -> dict:
+        terms = {k: getattr(self, k) for k in TERMS}
+        return {
+            **extra,
+            "num_examples": self.num_examples,
+            "bits_per_dim": terms,
+            "total_stderr": self.total_stderr,
+            "per_timestep_bits_per_dim": [float(x) for x in self.per_timestep],
+        }
+
+    def write_json(self, path: str | os.PathLike, **extra) -> str:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(**extra), indent=1))
+        return str(path)
+
+
+def make_bound_fn(
+    network: UNetConfig,
+    schedule: Schedule,
+    prediction: str,
+    variance: str,
+    clip_x0: bool = False,
+    chunk_size: int = 32,
+    mesh=None,
+) -> Callable:
+    """A jitted ``(params, images uint8 [B, H, W, C], keys [B], labels [B] or None) -> VariationalBound`` with the
+    batch split over ``mesh``'s ``data`` axis. Class-conditional networks are given each image's own label."""
+    net = UNet(network)
+    mesh = mesh or make_mesh()
+
+    def bound(params, images, keys, labels):
+        x0 = images.astype(jnp.float32) / 127.5 - 1.0
+
+        def model_fn(x, t):
+            y = None if labels is None else jnp.tile(labels, x.shape[0] // labels.shape[0])
+            return net.apply(params, x, t, y)
+
+        return diffusion.variational_bound(
+            schedule,
+            model_fn,
+            x0,
+            keys,
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            chunk_size=chunk_size,
+        )
+
+    data = batch_sharding(mesh)
+    return jax.jit(bound, in_shardings=(replicated(mesh), data, data, data))
+
+
+def check_images_fit(network: UNetConfig, images: np.ndarray, what: str) -> None:
+    """A clear error when a split's images are not what the network was trained on."""
+    want = (network.image_size, network.image_size, network.in_channels)
+    if tuple(images.shape[1:]) != want:
+        raise ValueError(
+            f"The model takes {want[0]}x{want[1]}x{want[2]} images but {what} has "
+            f"{'x'.join(map(str, images.shape[1:]))}: evaluate on the dataset the model was trained on."
+        )
+
+
+def bound_over_split(
+    bound_fn: Callable,
+    params,
+    images: np.ndarray,
+    key: jax.Array,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    mesh=None,
+    progress: Callable[[int], None] | None = None,
+) -> SplitBound:
+    """The bound of every image of ``images`` (uint8 ``[N, H, W, C]``), averaged; image i uses ``fold_in(key, i)``.
+
+    The last batch is padded with copies of its last image (results dropped), so every batch compiles once.
+    """
+    mesh = mesh or make_mesh()
+    devices = mesh.devices.size
+    if batch_size < 1 or batch_size % devices:
+        raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")
+    n = len(images)
+    if n == 0:
+        raise ValueError("No images to evaluate.")
+    sums = {k: 0.0 for k in TERMS}
+    squares, per_t = 0.0, None
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n + batch_size))
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        idx = np.minimum(np.arange(start, start + batch_size), stop - 1)
+        batch_labels = None if labels is None else jnp.asarray(labels[idx], jnp.int32)
+        result = bound_fn(params, jnp.asarray(images[idx]), keys[idx], batch_labels)
+        result = jax.tree.map(lambda x, m=stop - start: np.asarray(x[:m], np.float64), jax.device_get(result))
+        for k in TERMS:
+            sums[k] += float(getattr(result, k).sum())
+        squares += float((result.total**2).sum())
+        batch_curve = result.per_timestep.sum(axis=0)
+        per_t = batch_curve if per_t is None else per_t + batch_curve
+        if progress is not None:
+            progress(stop - start)
+    means = {k: v / n for k, v in sums.items()}
+    var = max(squares / n - means["total"] ** 2, 0.0) * n / max(n - 1, 1)
+    return SplitBound(**means, total_stderr=math.sqrt(var / n), per_timestep=per_t / n, num_examples=n)
