@@ -93,27 +93,18 @@ def draw(model, steps, out, is_main, write):
     batch = min(FLAGS.batch_size, FLAGS.num_samples)
     batch += -batch % jax.device_count()
     run = generate.make_sampler(model, FLAGS.sampler, steps, FLAGS.eta, FLAGS.spacing, FLAGS.guidance)
-    bar = _bar(FLAGS.num_samples, "image", is_main)
     t_steps = steps or model.num_timesteps
     _say(
         is_main,
         f"Sampling {FLAGS.num_samples} images from {model.source}: {FLAGS.sampler}, {t_steps} steps, "
         f"batch {batch} over {jax.device_count()} device(s).",
     )
-    times = []
-
-    def progress(n):
-        times.append(time.perf_counter())
-        if bar is not None:
-            bar.update(n)
-        else:
-            _say(is_main, f"  {min(len(times) * batch, FLAGS.num_samples)}/{FLAGS.num_samples} images")
-
+    progress = _Progress(FLAGS.num_samples, is_main)
     start = time.perf_counter()
     images = generate.generate(model, run, FLAGS.num_samples, batch, FLAGS.seed, FLAGS.label, progress)
     total = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
+    progress.close()
+    times = progress.times
     # The first batch includes the compile; the rate after it is the sampler's own.
     rate = f"{len(images) / total:.2f} images/s overall"
     if len(times) > 1:
@@ -170,23 +161,13 @@ def evaluate_bpd(model, out, is_main):
         f"Bits/dim of {model.source} over {data.dataset} {data.split}: {len(images)} images x "
         f"{schedule.num_timesteps} timesteps, batch {batch} over {jax.device_count()} device(s).",
     )
-    bar = _bar(len(images), "image", is_main)
-    done = []
-
-    def progress(n):
-        done.append(n)
-        if bar is not None:
-            bar.update(n)
-        else:
-            _say(is_main, f"  {sum(done)}/{len(images)} images")
-
+    progress = _Progress(len(images), is_main)
     start = time.perf_counter()
     result = evaluation.bound_over_split(
         bound, model.params, images, jax.random.key(FLAGS.seed), batch, labels, progress=progress
     )
     seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
+    progress.close()
     if is_main:
         path = result.write_json(
             os.path.join(out, "bpd.json"),
@@ -254,12 +235,27 @@ def report_fid(extractor, reference, images, out, is_main):
         )
 
 
-def _bar(total, unit, is_main):
-    if not (is_main and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """Called with each batch's image count: a bar on a TTY, else a line per batch; records when each batch ended."""
 
-    return tqdm(total=total, unit=unit, dynamic_ncols=True)
+    def __init__(self, total, is_main):
+        self.total, self.is_main, self.done, self.times, self.bar = total, is_main, 0, [], None
+        if is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="image", dynamic_ncols=True)
+
+    def __call__(self, n):
+        self.times.append(time.perf_counter())
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            _say(self.is_main, f"  {self.done}/{self.total} images")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _say(is_main, line):

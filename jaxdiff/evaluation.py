@@ -273,7 +273,7 @@ def bound_over_split(
         raise ValueError("No images to evaluate.")
     sums = {k: 0.0 for k in TERMS}
     squares, per_t = 0.0, None
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n + batch_size))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # padded rows reuse the last index
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         idx = np.minimum(np.arange(start, start + batch_size), stop - 1)

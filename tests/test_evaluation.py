@@ -184,9 +184,6 @@ def test_pytorch_fid_layer_names_load_the_same_network(tmp_path):
     graph = read_tensors(_fid_helper_weights())
     # Rename the graph's tensors to pytorch-fid's (torchvision's) names with the inverse of the table, save with
     # torch.save as pytorch-fid's file is, add the classifier, and load that file.
-    to_graph = {}
-    for stem, name in inception._TORCHVISION_STEM.items():
-        to_graph[stem] = (name,)
     state = {}
     inverse_blocks = {v: k for k, v in inception._TORCHVISION_BLOCKS.items()}
     for name, value in graph.items():
