@@ -26,7 +26,11 @@ use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU tra
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir: its newest checkpoint's EMA parameters and config.")
 flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step to use (default: the newest readable).")
-flags.DEFINE_string("checkpoint", None, "An imported DDPM model: a diffusers UNet2DModel or pipeline folder.")
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "An imported DDPM model: a diffusers UNet2DModel or pipeline folder (or a hub repo id with --download).",
+)
 flags.DEFINE_integer("num_samples", 64, "How many images.")
 flags.DEFINE_integer("batch_size", 64, "Images per compiled batch (a multiple of the device count).")
 flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "Ancestral DDPM or DDIM.")

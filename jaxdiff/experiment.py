@@ -369,6 +369,32 @@ def _summary_writer(workdir):
     return tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
 
+def read_metrics(workdir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The scalars a run logged to ``workdir/tensorboard``, as ``{name: (steps int64 [n], values float64 [n])}``.
+
+    Sorted by step. The event files of a run resumed several times are read in the order they were written, and a
+    step logged twice keeps its latest value. For plotting a run in a notebook without TensorBoard.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no TensorBoard logs.
+    """
+    import tensorflow as tf
+
+    files = sorted(pathlib.Path(workdir, "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"No TensorBoard logs in {pathlib.Path(workdir, 'tensorboard')}: is {workdir} a run?")
+    logged: dict[str, dict[int, float]] = {}
+    for path in files:
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                logged.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+    return {
+        tag: (np.array(sorted(by_step), np.int64), np.array([by_step[s] for s in sorted(by_step)], np.float64))
+        for tag, by_step in logged.items()
+    }
+
+
 def _write(writer, step, scalars):
     if writer is None:
         return

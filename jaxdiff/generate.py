@@ -85,14 +85,19 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> Model:
 def load_diffusers(path: str | os.PathLike, download: bool = False) -> Model:
     """An imported DDPM model (a diffusers UNet2DModel folder or pipeline folder) and its scheduler settings.
 
+    ``path`` is a local folder or, with ``download=True``, a Hugging Face repo id such as ``google/ddpm-cifar10-32``
+    (its UNet and scheduler config are fetched once and cached by ``huggingface_hub``).
+
     The diffusion settings come from ``scheduler_config.json`` (beside the weights or in ``scheduler/``); without
     one, DDPM's: linear betas 1e-4 .. 0.02 over 1000 steps, eps prediction, fixed_large variance, clipping.
     """
-    from jaxdiff.models.convert import load_diffusers_unet
+    from jaxdiff.models.convert import download_diffusers, load_diffusers_unet
 
-    params, network = load_diffusers_unet(path, download=download)
+    folder = pathlib.Path(path).expanduser()
+    if download and not folder.exists():
+        folder = download_diffusers(str(path))  # the scheduler config too
+    params, network = load_diffusers_unet(folder if folder.exists() else path)
     settings = {}
-    folder = pathlib.Path(path)
     for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
             settings = json.loads(candidate.read_text())

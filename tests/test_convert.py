@@ -6,12 +6,14 @@ they are skipped with that reason. The config checks run everywhere.
 
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdiff import generate
 from jaxdiff.models import UNet, convert_diffusers_state_dict, load_diffusers_unet, unet_config_from_diffusers
 
 CIFAR10 = dict(  # google/ddpm-cifar10-32's architecture
@@ -190,3 +192,43 @@ def test_missing_folder_says_how_to_get_the_weights(tmp_path):
         load_diffusers_unet("google/ddpm-cifar10-32")
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_diffusers_unet(tmp_path)
+
+
+@pytest.mark.torch
+def test_a_downloaded_repo_brings_its_scheduler_settings_and_one_kind_of_weights(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="comes with diffusers")
+    base = tmp_path / "saved"
+    base.mkdir()
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):  # the hub, offline: a pipeline folder on disk
+        calls.append(allow_patterns)
+        return str(tmp_path / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for safe in (True, False):
+        _, folder = saved_small_unet(base, safe)
+        repo = tmp_path / f"org/repo-{safe}"
+        shutil.copytree(folder, repo / "unet")
+        (repo / "scheduler").mkdir()
+        scheduler = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500, "variance_type": "fixed_small"}
+        (repo / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "clip_sample": False}))
+        calls.clear()
+        model = generate.load_diffusers(f"org/repo-{safe}", download=True)
+        assert (model.beta_schedule, model.num_timesteps, model.variance, model.clip_x0) == (
+            "cosine",
+            500,
+            "fixed_small",
+            False,
+        )
+        assert model.network.num_classes == 10 and model.source == f"org/repo-{safe}"
+        assert all("scheduler/scheduler_config.json" in patterns for patterns in calls)
+        # The safetensors weights when the repo has them; the .bin ones only after finding none.
+        fetched = [[p for p in patterns if "diffusion_pytorch_model" in p] for patterns in calls]
+        if safe:
+            assert fetched == [["diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"]]
+        else:
+            assert [names[0] for names in fetched] == [
+                "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.bin",
+            ]

@@ -318,9 +318,20 @@ def test_a_tiny_run_trains_samples_checkpoints_and_resumes_on_mock_data(tmp_path
         assert "step 4/4" in out and "eval bits/dim" in out and "wrote" in out
         # Asked for two more steps, the run resumes from its checkpoint instead of starting over.
         resumed = experiment.train_and_evaluate(tiny_config(tmp_path / "data", num_steps=6), workdir)
-        assert "Resuming from the checkpoint at step 4" in capsys.readouterr().out
+        resumed_out = capsys.readouterr().out
+        assert "Resuming from the checkpoint at step 4" in resumed_out
         assert int(resumed.step) == 6
         assert (workdir / "checkpoints" / "6").is_dir()
+        # The logged scalars of both sessions read back as one series, equal to the printed lines.
+        metrics = experiment.read_metrics(workdir)
+        steps, losses = metrics["loss"]
+        assert steps.tolist() == [2, 4, 6]
+        assert f"step 4/4  loss {losses[1]:.4f}" in out and f"step 6/6  loss {losses[2]:.4f}" in resumed_out
+        bpd_steps, bpd = metrics["eval/total_bpd"]
+        assert bpd_steps.tolist() == [4, 6]
+        assert f"step 4  eval bits/dim {bpd[0]:.3f}" in out and f"step 6  eval bits/dim {bpd[1]:.3f}" in resumed_out
+    with pytest.raises(FileNotFoundError, match="No TensorBoard logs"):
+        experiment.read_metrics(tmp_path / "data")
 
 
 def test_a_tiny_run_on_the_real_digits(tmp_path, capsys):

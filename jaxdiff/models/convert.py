@@ -203,6 +203,24 @@ def _find_checkpoint(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     )
 
 
+def download_diffusers(repo_id: str) -> pathlib.Path:
+    """Fetch a DDPM repo's UNet (config and weights) and scheduler config from the Hugging Face hub.
+
+    Returns the local snapshot folder (cached by ``huggingface_hub``, so a second call reads the cache). The
+    ``.safetensors`` weights are fetched when the repo has them, else the ``.bin`` ones: never both.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ImportError("Downloading needs huggingface_hub: `pip install huggingface_hub`.") from e
+    configs = ["config.json", "unet/config.json", "scheduler_config.json", "scheduler/scheduler_config.json"]
+    for name in WEIGHT_FILES:
+        folder = pathlib.Path(snapshot_download(repo_id, allow_patterns=[*configs, name, f"unet/{name}"]))
+        if (folder / name).is_file() or (folder / "unet" / name).is_file():
+            break
+    return folder
+
+
 def load_diffusers_unet(
     path_or_repo: str | pathlib.Path, *, download: bool = False, dropout: float = 0.0, dtype: str = "float32"
 ) -> tuple[dict, UNetConfig]:
@@ -222,12 +240,7 @@ def load_diffusers_unet(
                 f"{WEIGHT_FILES[0]}, or pass download=True to fetch the repo id from the Hugging Face hub "
                 f"(released DDPM models: {', '.join(DDPM_REPOS)})."
             )
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError as e:
-            raise ImportError("Downloading needs huggingface_hub: `pip install huggingface_hub`.") from e
-        patterns = ["config.json", "unet/config.json", *WEIGHT_FILES, *(f"unet/{n}" for n in WEIGHT_FILES)]
-        folder = pathlib.Path(snapshot_download(str(path_or_repo), allow_patterns=patterns))
+        folder = download_diffusers(str(path_or_repo))
     config_file, weights_file = _find_checkpoint(folder)
     config = unet_config_from_diffusers(json.loads(config_file.read_text()), dropout=dropout, dtype=dtype)
     return convert_diffusers_state_dict(_read_weights(weights_file), config), config
