@@ -372,15 +372,16 @@ def _summary_writer(workdir):
 def read_metrics(workdir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The scalars a run logged to ``workdir/tensorboard``, as ``{name: (steps int64 [n], values float64 [n])}``.
 
-    Sorted by step. The event files of a run resumed several times are read in the order they were written, and a
-    step logged twice keeps its latest value. For plotting a run in a notebook without TensorBoard.
+    Sorted by step. The event files of a run resumed several times are read in the order they were created (the
+    timestamp in their names, which survives copying), and a step logged twice keeps its latest value. For plotting a
+    run in a notebook without TensorBoard.
 
     Raises:
       FileNotFoundError: ``workdir`` holds no TensorBoard logs.
     """
     import tensorflow as tf
 
-    files = sorted(pathlib.Path(workdir, "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    files = sorted(pathlib.Path(workdir, "tensorboard").glob("events.out.tfevents.*"))
     if not files:
         raise FileNotFoundError(f"No TensorBoard logs in {pathlib.Path(workdir, 'tensorboard')}: is {workdir} a run?")
     logged: dict[str, dict[int, float]] = {}

@@ -76,20 +76,14 @@ def test_03_offline_says_so_and_stops_cleanly(tmp_path, subprocess_env):
 @pytest.mark.torch
 def test_03_samples_and_compares_a_local_copy(tmp_path, subprocess_env):
     """The online path, with a small DDPM-family model saved by diffusers standing in for the released one."""
-    torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
-    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[torch]'")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
+    from tests.test_convert import diffusers_unet  # skips without torch and diffusers
+
+    unet = diffusers_unet(
         sample_size=8,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_eps=1e-6,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        downsample_padding=0,
     )
     folder = tmp_path / "ddpm-copy"
     unet.save_pretrained(folder / "unet")
