@@ -91,12 +91,10 @@ def load_diffusers(path: str | os.PathLike, download: bool = False) -> Model:
     The diffusion settings come from ``scheduler_config.json`` (beside the weights or in ``scheduler/``); without
     one, DDPM's: linear betas 1e-4 .. 0.02 over 1000 steps, eps prediction, fixed_large variance, clipping.
     """
-    from jaxdiff.models.convert import download_diffusers, load_diffusers_unet
+    from jaxdiff.models.convert import diffusers_folder, load_diffusers_unet
 
-    folder = pathlib.Path(path).expanduser()
-    if download and not folder.exists():
-        folder = download_diffusers(str(path))  # the scheduler config too
-    params, network = load_diffusers_unet(folder if folder.exists() else path)
+    folder = diffusers_folder(path, download)  # a download brings the scheduler config too
+    params, network = load_diffusers_unet(folder)
     settings = {}
     for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():

@@ -11,6 +11,7 @@ Reading a ``.safetensors`` file needs no PyTorch; a ``.bin`` file is read with `
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Mapping
@@ -221,6 +222,25 @@ def download_diffusers(repo_id: str) -> pathlib.Path:
     return folder
 
 
+def diffusers_folder(path_or_repo: str | os.PathLike, download: bool = False) -> pathlib.Path:
+    """The local folder of a diffusers model: ``path_or_repo`` itself, or with ``download=True`` the snapshot of that
+    Hugging Face repo id (:func:`download_diffusers`).
+
+    Raises:
+      FileNotFoundError: no such folder, and ``download`` is False (says how to get the weights).
+    """
+    folder = pathlib.Path(path_or_repo).expanduser()
+    if folder.exists():
+        return folder
+    if not download:
+        raise FileNotFoundError(
+            f"{path_or_repo} is not a local folder. Pass a folder holding config.json and "
+            f"{WEIGHT_FILES[0]}, or pass download=True to fetch the repo id from the Hugging Face hub "
+            f"(released DDPM models: {', '.join(DDPM_REPOS)})."
+        )
+    return download_diffusers(str(path_or_repo))
+
+
 def load_diffusers_unet(
     path_or_repo: str | pathlib.Path, *, download: bool = False, dropout: float = 0.0, dtype: str = "float32"
 ) -> tuple[dict, UNetConfig]:
@@ -232,15 +252,6 @@ def load_diffusers_unet(
       download: allow fetching ``path_or_repo`` from the Hugging Face hub (needs ``huggingface_hub``); never implied.
       dropout, dtype: set on the returned config (dropout only matters for fine-tuning).
     """
-    folder = pathlib.Path(path_or_repo).expanduser()
-    if not folder.exists():
-        if not download:
-            raise FileNotFoundError(
-                f"{path_or_repo} is not a local folder. Pass a folder holding config.json and "
-                f"{WEIGHT_FILES[0]}, or pass download=True to fetch the repo id from the Hugging Face hub "
-                f"(released DDPM models: {', '.join(DDPM_REPOS)})."
-            )
-        folder = download_diffusers(str(path_or_repo))
-    config_file, weights_file = _find_checkpoint(folder)
+    config_file, weights_file = _find_checkpoint(diffusers_folder(path_or_repo, download))
     config = unet_config_from_diffusers(json.loads(config_file.read_text()), dropout=dropout, dtype=dtype)
     return convert_diffusers_state_dict(_read_weights(weights_file), config), config
