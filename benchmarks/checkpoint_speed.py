@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoints
+from jaxdiff import checkpoints, pipeline
 from jaxdiff.models.unet import UNetConfig
 from jaxdiff.training import OptimConfig, init_train_state, make_optimizer
 
@@ -32,7 +32,8 @@ from jaxdiff.training import OptimConfig, init_train_state, make_optimizer
 def cifar10_state():
     model = UNetConfig()  # the DDPM CIFAR-10 network
     optimizer = make_optimizer(OptimConfig())
-    shapes = jax.eval_shape(lambda: init_train_state(model, optimizer, 1000, seed=0))
+    params = pipeline.abstract_params(model)
+    shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer, 1000), params)
     rng = np.random.default_rng(0)
 
     def fill(s):
@@ -65,7 +66,8 @@ def one_save(model, state, async_save: bool, x):
     try:
         mngr = checkpoints.manager(root, async_save=async_save)
         start = time.perf_counter()
-        checkpoints.save(mngr, 1, state, {"benchmark": True}, model)
+        spec = pipeline.ModelSpec(model, pipeline.DiffusionConfig()).to_json()
+        checkpoints.save(mngr, 1, state, {"benchmark": True}, spec)
         blocked = time.perf_counter() - start
         during = time_workload(x) if async_save else float("nan")
         checkpoints.wait(mngr)

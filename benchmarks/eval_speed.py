@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from train_speed import alternate
 
-from jaxdiff import evaluation, features, samplers
+from jaxdiff import evaluation, features, pipeline
 from jaxdiff.models import UNet, UNetConfig, init_params
 from jaxdiff.models.inception import load_inception
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
@@ -33,8 +33,9 @@ DIGITS = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), attn_res
 
 def bpd_figures(repeats: int, batch: int = 32) -> dict:
     params = init_params(DIGITS, jax.random.key(0))
-    schedule = samplers.sampling_schedule("linear", 1000, None)
-    bound = evaluation.make_bound_fn(DIGITS, schedule, "eps", "fixed_small")
+    pipe = pipeline.from_spec(pipeline.ModelSpec(DIGITS, pipeline.DiffusionConfig()), params, "benchmark")
+    schedule = pipe.schedule
+    bound = pipeline.make_bound_fn(pipe)
     images = np.random.default_rng(0).integers(0, 256, (batch, 8, 8, 1), dtype=np.uint8)
     net = UNet(DIGITS)
     forward = jax.jit(lambda p, x, t: net.apply(p, x, t))

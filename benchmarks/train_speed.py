@@ -88,8 +88,8 @@ def jax_step(model_cfg, params, batch):
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff import training
-    from jaxdiff.models import UNet
+    from jaxdiff import pipeline, training
+    from jaxdiff.models import make_apply
     from jaxdiff.schedules import make_schedule
 
     opt = training.OptimConfig(warmup_steps=0, total_steps=10**6)
@@ -105,7 +105,7 @@ def jax_step(model_cfg, params, batch):
     state = jax.tree_util.tree_map(jnp.copy, state)  # distinct buffers: the step donates its state
     fn = jax.jit(
         training.make_train_step(
-            UNet(model_cfg), make_schedule("linear", 1000), training.Objective(), optimizer, opt, seed=0
+            make_apply(model_cfg), make_schedule("linear", 1000), pipeline.DiffusionConfig(), optimizer, opt, seed=0
         ),
         donate_argnums=0,
     )
@@ -167,8 +167,8 @@ def memory_figures():
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff import training
-    from jaxdiff.models import UNet, UNetConfig
+    from jaxdiff import pipeline, training
+    from jaxdiff.models import UNetConfig, make_apply
     from jaxdiff.schedules import make_schedule
 
     out = {}
@@ -176,13 +176,14 @@ def memory_figures():
         cfg = UNetConfig(remat=remat)
         opt = training.OptimConfig()
         optimizer = training.make_optimizer(opt)
-        state = jax.eval_shape(lambda c=cfg, o=optimizer: training.init_train_state(c, o, 1000, 0))
+        params = pipeline.abstract_params(cfg)
+        state = jax.eval_shape(lambda p, o=optimizer: training.init_train_state(p, o, 1000), params)
         batch = {
             "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
             "label": jax.ShapeDtypeStruct((8,), jnp.int32),
         }
         step = training.make_train_step(
-            UNet(cfg), make_schedule("linear", 1000), training.Objective(), optimizer, opt, 0
+            make_apply(cfg), make_schedule("linear", 1000), pipeline.DiffusionConfig(), optimizer, opt, 0
         )
         compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
         mem = compiled.memory_analysis()
@@ -203,10 +204,10 @@ def main():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from jaxdiff.experiment import unet_config
+    from jaxdiff.experiment import run_config
     from jaxdiff.models import UNetConfig
 
-    digits = unet_config(importlib.import_module("configs.digits").get_config(), 1, None)
+    digits = run_config(importlib.import_module("configs.digits").get_config()).network(1, None)
     results = {
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "train_step": [

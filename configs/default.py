@@ -1,4 +1,10 @@
-"""Every setting a run has, with the DDPM CIFAR-10 values; the other configs start from here and override."""
+"""Every setting a run has, with the DDPM CIFAR-10 values; the other configs start from here and override.
+
+Each section is one typed dataclass, key for key (``jaxdiff.experiment.run_config``): data -> DataConfig;
+model -> UNetConfig (image size, channels, learned-variance output and classes come from the data); diffusion ->
+DiffusionConfig; optim -> OptimConfig; training, sampling, evaluation -> experiment's TrainingConfig,
+SamplingConfig, EvaluationConfig.
+"""
 
 import ml_collections
 
@@ -15,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
     c.data.download = False  # never download unless asked
-    c.data.class_conditional = False
+    c.data.class_conditional = False  # condition on the labels (label_key); the null class is num_classes
+    c.data.image_key = "image"  # the dataset's feature names
+    c.data.label_key = "label"
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 128
@@ -26,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.resample_with_conv = True
     c.model.num_groups = 32
     c.model.head_dim = ml_collections.config_dict.placeholder(int)  # None: one attention head (DDPM)
+    c.model.norm_eps = 1e-6  # GroupNorm epsilon
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
     c.model.remat = False
 

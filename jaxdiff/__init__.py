@@ -1,4 +1,10 @@
-"""jaxdiff: denoising diffusion probabilistic models in JAX, as pure functions and a Flax UNet."""
+"""jaxdiff: denoising diffusion probabilistic models in JAX, as pure functions and a Flax UNet.
+
+``import jaxdiff`` loads the pure math only (schedules, the diffusion, the samplers): no Flax, no TensorFlow. The
+network and the Pipeline are re-exported lazily: ``jaxdiff.UNet`` or ``jaxdiff.Pipeline`` imports them on first use.
+"""
+
+import importlib
 
 from jaxdiff.diffusion import (
     DECODERS,
@@ -32,10 +38,26 @@ from jaxdiff.diffusion import (
     vb_term_bpd,
     x0_and_eps,
 )
-from jaxdiff.models import UNet, UNetConfig, init_params, load_diffusers_unet
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
 
 __version__ = "0.1.0"
+
+# Names that need Flax (the network) or the layers above the math (the Pipeline), imported on first use.
+_LAZY = {
+    "UNet": "jaxdiff.models",
+    "UNetConfig": "jaxdiff.models",
+    "init_params": "jaxdiff.models",
+    "load_diffusers_unet": "jaxdiff.models",
+    "DiffusionConfig": "jaxdiff.pipeline",
+    "Pipeline": "jaxdiff.pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
+
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -44,7 +66,9 @@ __all__ = [
     "PREDICTIONS",
     "VARIANCES",
     "WEIGHTINGS",
+    "DiffusionConfig",
     "PMeanVariance",
+    "Pipeline",
     "Schedule",
     "UNet",
     "UNetConfig",

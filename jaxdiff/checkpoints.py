@@ -1,8 +1,9 @@
 """Checkpoints of a run under ``workdir/checkpoints`` with Orbax, and the SIGTERM (preemption) watch.
 
 Each step's checkpoint holds three items: ``state`` (the TrainState, StandardSave/StandardRestore onto the target's
-shardings), ``config`` (the run's ConfigDict as JSON) and ``model`` (the UNetConfig as JSON, which depends on the
-dataset's channels and classes), so a workdir alone is enough to sample (:func:`load_for_sampling`).
+shardings), ``config`` (the run's config as JSON, for people and tools) and ``spec`` (what the trained network is, as
+JSON: :class:`jaxdiff.pipeline.ModelSpec`), so a workdir alone is enough to sample (:func:`load_for_sampling`). This
+module knows nothing of the network: the caller says what the parameters look like.
 
 Guarantees:
   - a checkpoint is finalised atomically (Orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it), so a crash
@@ -17,22 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
 import signal
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from jaxdiff.models.unet import UNetConfig, init_params
-from jaxdiff.training import all_finite
+from jaxdiff.parallel import all_finite
 
-ITEMS = ("state", "config", "model")
+ITEMS = ("state", "config", "spec")
+LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
 UNREADABLE = "checkpoints_unreadable"
 
 
@@ -51,23 +51,20 @@ def manager(
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS + LEGACY_ITEMS)
 
 
-def _config_json(config) -> dict:
-    if isinstance(config, ml_collections.ConfigDict):
-        return json.loads(config.to_json_best_effort())
-    return dict(config)
+def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, spec: dict) -> None:
+    """Start saving checkpoint ``step`` (in the background when the manager is async; see :func:`wait`).
 
-
-def save(mngr: ocp.CheckpointManager, step: int, state, config, model_config: UNetConfig) -> None:
-    """Start saving checkpoint ``step`` (in the background when the manager is async; see :func:`wait`)."""
+    ``config``: the run's config as a JSON-able dict; ``spec``: the JSON of what the network is (a ModelSpec's).
+    """
     mngr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(_config_json(config)),
-            model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
+            config=ocp.args.JsonSave(dict(config)),
+            spec=ocp.args.JsonSave(dict(spec)),
         ),
     )
 
@@ -141,17 +138,12 @@ def set_aside(workdir: str | os.PathLike, steps) -> pathlib.Path:
     return dest_root
 
 
-def _model_config(model: dict) -> UNetConfig:
-    fields = {f.name for f in dataclasses.fields(UNetConfig)}
-    return UNetConfig(**{k: v for k, v in model.items() if k in fields})
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingCheckpoint:
-    """What sampling needs from a run: its config, the network's config, the EMA parameters, the step."""
+    """What sampling needs from a run: its config and spec (as dicts), the EMA parameters, the step."""
 
-    config: ml_collections.ConfigDict
-    model: UNetConfig
+    config: dict
+    spec: dict
     ema_params: Any
     step: int
 
@@ -177,25 +169,36 @@ def _reader(workdir):
         mngr.close()
 
 
-def _read_for_sampling(mngr: ocp.CheckpointManager, step: int) -> SamplingCheckpoint:
-    meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), model=ocp.args.JsonRestore()))
-    model = _model_config(meta["model"])
+def _read_spec(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    """(config, spec) of checkpoint ``step``; a jaxdiff 0.1 checkpoint's spec is put together from its config."""
+    config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    if (mngr.directory / str(step) / "spec").exists():
+        return config, mngr.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"]
+    network = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+    spec = {"network": network, "diffusion": config["diffusion"], "clip_x0": config["sampling"]["clip_x0"]}
+    return config, {**spec, "data": config["data"]}
+
+
+def _read_for_sampling(mngr: ocp.CheckpointManager, step: int, params_like: Callable[[dict], Any]):
+    config, spec = _read_spec(mngr, step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = abstract(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), device)
-    item = {"ema_params": params}
+    item = {"ema_params": abstract(params_like(spec), device)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     ema = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["ema_params"]
     if not bool(all_finite(ema)):
         raise ValueError("it holds non-finite values")
-    return SamplingCheckpoint(ml_collections.ConfigDict(meta["config"]), model, ema, step)
+    return SamplingCheckpoint(config, spec, ema, step)
 
 
-def load_for_sampling(workdir: str | os.PathLike, step: int | None = None) -> SamplingCheckpoint:
-    """The config, UNetConfig and EMA parameters of ``workdir``'s newest readable checkpoint (or of ``step``).
+def load_for_sampling(
+    workdir: str | os.PathLike, step: int | None, params_like: Callable[[dict], Any]
+) -> SamplingCheckpoint:
+    """The config, spec and EMA parameters of ``workdir``'s newest readable checkpoint (or of ``step``).
 
-    Only the EMA parameters are read (not the optimizer state or the raw parameters). An unreadable checkpoint is
-    reported with a warning and the one before it is tried (unless ``step`` is given).
+    Only the EMA parameters are read (not the optimizer state or the raw parameters). ``params_like(spec)`` gives
+    their shapes (a pytree of arrays or ShapeDtypeStructs). An unreadable checkpoint is reported with a warning and
+    the one before it is tried (unless ``step`` is given).
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``).
@@ -210,7 +213,7 @@ def load_for_sampling(workdir: str | os.PathLike, step: int | None = None) -> Sa
         failures = []
         for s in steps:
             try:
-                return _read_for_sampling(mngr, s)
+                return _read_for_sampling(mngr, s, params_like)
             except Exception as e:  # as in restore_latest: report, then try the one before
                 failures.append(f"  step {s}: {_reason(e)}")
                 warnings.warn(f"Cannot read the checkpoint at step {s} ({_reason(e)}).", stacklevel=2)

@@ -23,6 +23,8 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxdiff.images import from_uint8
+
 KNOWN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "celeb_a_hq", "lsun")
 
 
@@ -67,23 +69,29 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 class DataConfig:
     """What to read and how to shape it.
 
+    ``config.data`` of a run, field for field.
+
     Attributes:
       dataset: a TFDS name (``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeb_a``, ``lsun/church_outdoor``,
         ... any TFDS image dataset).
       split: e.g. ``train``, ``test``, ``train[:90%]``.
+      eval_split: the held-out split (the bound in bits/dim).
       image_size: output height = width (images are centre-cropped to a square, then resized, if they differ).
       random_flip: flip each image left-right with probability 1/2.
       data_dir: TFDS data directory (``None``: TFDS's default, ``~/tensorflow_datasets``).
       download: allow TFDS to download and prepare a dataset that is not prepared yet.
+      class_conditional: the model is given the labels (``label_key``).
       image_key, label_key: the feature names in the dataset.
     """
 
     dataset: str = "digits"
     split: str = "train"
+    eval_split: str = "test"
     image_size: int = 8
     random_flip: bool = False
     data_dir: str | None = None
     download: bool = False
+    class_conditional: bool = False
     image_key: str = "image"
     label_key: str = "label"
 
@@ -189,7 +197,7 @@ class Batches:
             flips = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)[self.rows] < 0.5
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         labels = self.labels[idx] if self.labels is not None else np.zeros(len(idx), np.int32)
-        return {"image": images.astype(np.float32) / 127.5 - 1.0, "label": labels.astype(np.int32)}
+        return {"image": from_uint8(images), "label": labels.astype(np.int32)}
 
     def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
         """Batches for start_step, start_step + 1, ... computed ``prefetch`` steps ahead on a thread."""

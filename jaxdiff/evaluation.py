@@ -1,8 +1,10 @@
-"""Evaluation: the variational bound in bits/dim over a whole split, FID and the Inception Score.
+"""Evaluation of a :class:`~jaxdiff.pipeline.Pipeline`: the bound in bits/dim over a whole split, FID and the
+Inception Score.
 
-* :func:`bound_over_split` -- DDPM's NLL (Table 2): the bound's total, its prior, denoising and reconstruction terms
-  and the per-t curve, averaged over every image of a split, with one PRNG key per image (``fold_in(key, index)``) so
-  the figure depends neither on the batch size nor on the device count.
+* :func:`bound_over_split` -- DDPM's NLL (Table 2) with :func:`jaxdiff.pipeline.make_bound_fn`: the bound's total,
+  its prior, denoising and reconstruction terms and the per-t curve, averaged over every image of a split, with one
+  PRNG key per image (``fold_in(key, index)``) so the figure depends neither on the batch size nor on the device
+  count.
 * :func:`frechet_distance` of two :class:`FeatureStats`, computed in float64:
   ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)``; :func:`inception_score`:
   ``exp(E_x KL(p(y|x) || p(y)))`` over splits of the samples.
@@ -25,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion
+from jaxdiff import parallel
 from jaxdiff.data import DataConfig, load_split
-from jaxdiff.models.unet import UNet, UNetConfig
-from jaxdiff.schedules import Schedule
-from jaxdiff.training import batch_sharding, make_mesh, replicated
+from jaxdiff.logs import log
+from jaxdiff.pipeline import Pipeline
 
 TERMS = ("total", "prior", "denoising", "reconstruction")
 
@@ -131,7 +132,7 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jaxdiff"
 
 
-def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=print) -> FeatureStats:
+def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=log) -> FeatureStats:
     """The feature statistics of the whole split ``data`` under ``extractor``, from the cache or computed once.
 
     The cache file, ``<directory>/fid_stats/<extractor>_<dataset>_<split>_<size>.npz``, is written atomically.
@@ -204,45 +205,9 @@ class SplitBound:
         return str(path)
 
 
-def make_bound_fn(
-    network: UNetConfig,
-    schedule: Schedule,
-    prediction: str,
-    variance: str,
-    clip_x0: bool = False,
-    chunk_size: int = 32,
-    mesh=None,
-) -> Callable:
-    """A jitted ``(params, images uint8 [B, H, W, C], keys [B], labels [B] or None) -> VariationalBound`` with the
-    batch split over ``mesh``'s ``data`` axis. Class-conditional networks are given each image's own label."""
-    net = UNet(network)
-    mesh = mesh or make_mesh()
-
-    def bound(params, images, keys, labels):
-        x0 = images.astype(jnp.float32) / 127.5 - 1.0
-
-        def model_fn(x, t):
-            y = None if labels is None else jnp.tile(labels, x.shape[0] // labels.shape[0])
-            return net.apply(params, x, t, y)
-
-        return diffusion.variational_bound(
-            schedule,
-            model_fn,
-            x0,
-            keys,
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
-            chunk_size=chunk_size,
-        )
-
-    data = batch_sharding(mesh)
-    return jax.jit(bound, in_shardings=(replicated(mesh), data, data, data))
-
-
-def check_images_fit(network: UNetConfig, images: np.ndarray, what: str) -> None:
+def check_images_fit(pipe: Pipeline, images: np.ndarray, what: str) -> None:
     """A clear error when a split's images are not what the network was trained on."""
-    want = (network.image_size, network.image_size, network.in_channels)
+    want = pipe.image_shape
     if tuple(images.shape[1:]) != want:
         raise ValueError(
             f"The model takes {want[0]}x{want[1]}x{want[2]} images but {what} has "
@@ -262,9 +227,10 @@ def bound_over_split(
 ) -> SplitBound:
     """The bound of every image of ``images`` (uint8 ``[N, H, W, C]``), averaged; image i uses ``fold_in(key, i)``.
 
-    The last batch is padded with copies of its last image (results dropped), so every batch compiles once.
+    ``bound_fn`` is :func:`jaxdiff.pipeline.make_bound_fn`'s. ``labels`` (int ``[N]``) are given to a conditional
+    network. The last batch is padded with copies of its last image (results dropped), so every batch compiles once.
     """
-    mesh = mesh or make_mesh()
+    mesh = mesh or parallel.make_mesh()
     devices = mesh.devices.size
     if batch_size < 1 or batch_size % devices:
         raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")

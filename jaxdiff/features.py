@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff.images import from_uint8
 from jaxdiff.models.inception import FEATURE_DIM, InceptionV3
-from jaxdiff.training import batch_sharding, make_mesh, replicated
+from jaxdiff.parallel import batch_sharding, make_mesh, replicated, round_up_batch
 
 RESIZES = ("tf1", "half_pixel")
 
@@ -53,9 +54,7 @@ def resize_bilinear(images: jax.Array, size: int, half_pixel: bool = False) -> j
 
 def _run_batches(fn: Callable, images: np.ndarray, batch_size: int, mesh, progress=None) -> list[np.ndarray]:
     """``fn`` over ``images`` in batches of ``batch_size`` (the last one padded, so there is one compile)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    batch_size += -batch_size % mesh.devices.size  # a whole number of images per device
+    batch_size = round_up_batch(batch_size, mesh)  # a whole number of images per device
     outs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -129,7 +128,7 @@ def train_digits_classifier(
     The whole run is one jitted ``lax.scan`` over the steps (a few seconds on a CPU).
     """
     net = DigitsNet()
-    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    x = from_uint8(jnp.asarray(images))
     y = jnp.asarray(labels, jnp.int32)
     steps_per_epoch = len(images) // batch_size
     rng = np.random.default_rng(seed)
@@ -169,7 +168,7 @@ class DigitsClassifier:
         net = DigitsNet()
 
         def apply(params, images):
-            features, logits = net.apply(params, images.astype(jnp.float32) / 127.5 - 1.0)
+            features, logits = net.apply(params, from_uint8(images))
             return features, jax.nn.softmax(logits, axis=-1)
 
         self._apply = jax.jit(apply, in_shardings=(replicated(self.mesh), batch_sharding(self.mesh)))

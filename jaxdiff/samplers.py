@@ -3,8 +3,8 @@
 Pure: the network enters as ``model_fn(x_t, timesteps) -> output`` (called with ``schedule.timestep_map[t]``, so a
 respaced schedule calls the network with the original timesteps). All randomness comes from one key: x_T is
 ``normal(fold_in(key, T))`` and step t's noise ``normal(fold_in(key, t))``, each drawn for the whole batch, so under
-``jax.jit`` with the batch sharded over devices (:func:`shard_sampler`) the same key gives the same images whatever the
-number of devices (JAX's partitionable threefry).
+``jax.jit`` with the batch sharded over devices the same key gives the same images whatever the number of devices
+(JAX's partitionable threefry). :func:`jaxdiff.pipeline.make_sampler` compiles them that way.
 
 Samplers:
   - :func:`ddpm_sample`: ancestral sampling (DDPM Algorithm 2) for every prediction (eps, x0, v) and variance
@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn
@@ -53,15 +54,25 @@ def sampling_schedule(
 ) -> Schedule:
     """The schedule to sample from: beta schedule ``name`` of ``num_timesteps`` steps, respaced to ``steps``.
 
-    Respacing keeps abar at the kept steps (computed from float64 betas); ``steps=None`` or ``num_timesteps`` keeps all.
+    :func:`respaced` of ``beta_schedule(name, num_timesteps, **schedule_kwargs)``.
 
     Raises:
       ValueError: ``steps`` < 1 or > ``num_timesteps``.
     """
+    return respaced(beta_schedule(name, num_timesteps, **schedule_kwargs), steps, spacing)
+
+
+def respaced(betas: np.ndarray, steps: int | None = None, spacing: str = "even") -> Schedule:
+    """The chain of ``betas`` (float64 ``[T]``) respaced to ``steps`` (None or T: all of them; ``spacing`` as in
+    :func:`jaxdiff.schedules.space_timesteps`), with abar kept at the kept steps.
+
+    Raises:
+      ValueError: ``steps`` < 1 or > T.
+    """
+    num_timesteps = len(betas)
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}] (the model's T), got {steps}.")
-    betas = beta_schedule(name, num_timesteps, **schedule_kwargs)
     return respace(betas, space_timesteps(num_timesteps, steps, spacing))
 
 
@@ -298,23 +309,3 @@ def guided(
         return (1.0 + scale) * cond - scale * uncond
 
     return model_fn
-
-
-def shard_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh, batch_args: tuple[bool, ...]) -> Callable:
-    """``jax.jit`` of ``sample_fn`` with its output's batch (leading) axis split over ``mesh``'s ``data`` axis.
-
-    Args:
-      batch_args: one flag per positional argument of ``sample_fn``: True to split it along its leading axis too
-        (e.g. labels), False to replicate it (parameters, keys).
-    """
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    batch = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    in_shardings = tuple(batch if split else replicated for split in batch_args)
-    return jax.jit(sample_fn, in_shardings=in_shardings, out_shardings=batch)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """Images in [-1, 1] -> uint8 in [0, 255] (rounded, clipped)."""
-    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -5,6 +5,9 @@ dropout, label dropout) comes from ``fold_in(PRNGKey(seed), state.step)`` and is
 device and N devices (or N hosts) follow the same trajectory up to float reassociation, and a resumed run continues
 exactly. ``shard_train_step`` compiles it once with the batch split over a ``data`` mesh axis, the state replicated
 and donated.
+
+The network enters as a plain ``apply(params, x_t, t, labels, dropout_key)`` (e.g.
+:func:`jaxdiff.models.unet.make_apply`), and the objective as a :class:`jaxdiff.pipeline.DiffusionConfig`.
 """
 
 from __future__ import annotations
@@ -15,44 +18,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxdiff import diffusion
-from jaxdiff.models.unet import UNet, UNetConfig, init_params
+from jaxdiff import diffusion, parallel
+from jaxdiff.pipeline import DiffusionConfig
 from jaxdiff.schedules import Schedule
 
-T_SAMPLINGS = ("uniform", "importance")
 DECAYS = ("none", "cosine", "linear")
 HISTORY = 10  # losses kept per timestep for importance sampling (improved DDPM)
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What the network learns and how t is drawn; checked when built.
-
-    ``loss_type``/``prediction``/``variance``/``weighting``/``snr_gamma``/``vb_weight`` are those of
-    :func:`jaxdiff.diffusion.training_losses`. ``t_sampling='importance'`` draws t with probability proportional to
-    sqrt(E[L_t^2]) over the last 10 losses at each t (uniform until every t has 10), and reweights by 1/(T p_t)
-    (Nichol & Dhariwal 2021, for training on the bound). ``label_dropout`` replaces a label by the null class with that
-    probability (for classifier-free guidance).
-    """
-
-    loss_type: str = "simple"
-    prediction: str = "eps"
-    variance: str = "fixed_small"
-    weighting: str = "none"
-    snr_gamma: float = 5.0
-    vb_weight: float = 0.001
-    t_sampling: str = "uniform"
-    label_dropout: float = 0.0
-
-    def __post_init__(self):
-        diffusion.check_objective(self.loss_type, self.prediction, self.variance, self.weighting)
-        diffusion.check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +108,9 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, step_key
 
 
-def init_train_state(
-    model_config: UNetConfig, optimizer: optax.GradientTransformation, num_timesteps: int, seed: int
-) -> TrainState:
-    """A fresh state: parameters from ``seed`` (DDPM's init), EMA equal to them, a zero optimizer state."""
-    params = init_params(model_config, run_keys(seed)[0])
+def init_train_state(params, optimizer: optax.GradientTransformation, num_timesteps: int) -> TrainState:
+    """A fresh state from initial ``params`` (drawn with ``run_keys(seed)[0]``): EMA equal to them, a zero optimizer
+    state, empty loss histories."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -175,21 +147,35 @@ def _record_losses(state: TrainState, t, losses):
     return jax.lax.fori_loop(0, t.shape[0], push, (state.loss_history, state.history_count))
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """A scalar bool: every element of every leaf is finite (no copy of the tree is made)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+def _ema_update(ema, params, step: jax.Array, opt: OptimConfig, updated):
+    """ema <- decay * ema + (1 - decay) * params where the optimizer updated the parameters (else ema); with
+    ``ema_warmup`` the decay is min(ema_decay, (1 + step) / (10 + step))."""
+    decay = opt.ema_decay
+    if opt.ema_warmup:
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree_util.tree_map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), ema, params)
+
+
+def _quarter_losses(losses: jax.Array, t: jax.Array, T: int) -> dict[str, jax.Array]:
+    """``loss_q0``..``loss_q3``: the mean loss of the examples whose t lies in each quarter of [0, T) (NaN if none)."""
+    quarter = (t * 4) // T
+    return {f"loss_q{q}": jnp.sum(jnp.where(quarter == q, losses, 0.0)) / jnp.sum(quarter == q) for q in range(4)}
 
 
 def make_train_step(
-    model: UNet,
+    apply_fn: Callable,
     schedule: Schedule,
-    objective: Objective,
+    objective: DiffusionConfig,
     optimizer: optax.GradientTransformation,
     opt: OptimConfig,
     seed: int,
+    null_class: int | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build the pure ``train_step(state, batch) -> (state, metrics)``.
+
+    ``apply_fn(params, x_t, t, labels, dropout_key)`` is the network in training mode. A class-conditional network
+    has a ``null_class``: the batch's labels go in, each replaced by the null class with probability
+    ``objective.label_dropout``; an unconditional one (None) gets no labels.
 
     ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Metrics (all
     scalars): ``loss``, ``loss_q0``..``loss_q3`` (the mean loss of the examples whose t lies in each quarter of
@@ -199,7 +185,7 @@ def make_train_step(
     T = schedule.num_timesteps
     base_key = run_keys(seed)[1]
     lr_fn = learning_rate(opt)
-    conditional = model.config.num_classes is not None
+    conditional = null_class is not None
 
     def loss_fn(params, batch, key, t, weights):
         x0 = batch["image"]
@@ -208,24 +194,10 @@ def make_train_step(
         labels = None
         if conditional:
             drop = jax.random.bernoulli(label_key, objective.label_dropout, batch["label"].shape)
-            labels = jnp.where(drop, model.config.num_classes, batch["label"])
+            labels = jnp.where(drop, null_class, batch["label"])
 
-        def model_fn(x_t, timesteps):
-            return model.apply(params, x_t, timesteps, labels, train=True, rngs={"dropout": dropout_key})
-
-        losses = diffusion.diffusion_loss(
-            schedule,
-            model_fn,
-            x0,
-            t,
-            noise,
-            loss_type=objective.loss_type,
-            prediction=objective.prediction,
-            variance=objective.variance,
-            weighting=objective.weighting,
-            snr_gamma=objective.snr_gamma,
-            vb_weight=objective.vb_weight,
-        )
+        model_fn = lambda x_t, timesteps: apply_fn(params, x_t, timesteps, labels, dropout_key)
+        losses = diffusion.diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
         return jnp.mean(losses * weights), losses
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -238,71 +210,30 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = optax.MultiSteps.has_updated(opt_state) if opt.grad_accum_steps > 1 else True
-        decay = opt.ema_decay
-        if opt.ema_warmup:
-            decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree_util.tree_map(
-            lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), state.ema_params, params
-        )
+        ema = _ema_update(state.ema_params, params, state.step, opt, updated)
         history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
         new_state = TrainState(state.step + 1, params, ema, opt_state, history, count)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step changes nothing, so the state in hand (and any checkpoint of it) stays the last good one.
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        quarter = (t * 4) // T
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr_fn(state.step // opt.grad_accum_steps),
             "finite": finite.astype(jnp.float32),
+            **_quarter_losses(losses, t, T),
         }
-        for q in range(4):
-            mask = quarter == q
-            metrics[f"loss_q{q}"] = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask)
         return new_state, metrics
 
     return train_step
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all devices of all processes (or ``devices``), axis ``data``."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-    """Raise a ValueError unless the global batch splits evenly over the mesh's devices and processes."""
-    devices = mesh.devices.size
-    if global_batch % devices or global_batch % jax.process_count():
-        raise ValueError(
-            f"The batch size {global_batch} is not divisible by the {devices} devices ({jax.process_count()} "
-            f"processes); use a multiple of {devices}."
-        )
-
-
 def shard_train_step(train_step, mesh: Mesh):
     """``jax.jit`` of the step with the batch on the ``data`` axis, the state replicated and donated."""
+    replicated = parallel.replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(replicated(mesh), batch_sharding(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(replicated, parallel.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-
-
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-    """This process's rows of the batch -> the global batch as arrays sharded on the ``data`` axis."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-    """Put a pytree (e.g. a fresh TrainState) on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))

@@ -16,13 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxdiff import checkpoints, experiment, training
+from jaxdiff import actions, checkpoints, experiment, parallel, pipeline, training
 from jaxdiff.data import DataConfig, load_split
-from jaxdiff.models import UNetConfig, init_params
-from tests.test_training import free_port, tiny_config
+from jaxdiff.models import init_params
+from tests.helpers import NET, ROOT, free_port, load_config, tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODEL = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+SPEC = pipeline.ModelSpec(NET, pipeline.DiffusionConfig(num_timesteps=100), clip_x0=False, data=DataConfig())
 NUM_STEPS = 12
 
 
@@ -47,7 +46,7 @@ def small_state(step: int) -> training.TrainState:
 def save_steps(workdir, steps):
     mngr = checkpoints.manager(workdir)
     for step in steps:
-        checkpoints.save(mngr, step, small_state(step), {"seed": 0}, MODEL)
+        checkpoints.save(mngr, step, small_state(step), {"seed": 0}, SPEC.to_json())
     checkpoints.wait(mngr)
     mngr.close()
 
@@ -103,10 +102,10 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_nothing_is_touched(tmp
 
 def test_non_finite_values_on_disk_count_as_unreadable(tmp_path):
     mngr = checkpoints.manager(tmp_path)
-    checkpoints.save(mngr, 2, small_state(2), {}, MODEL)
+    checkpoints.save(mngr, 2, small_state(2), {}, SPEC.to_json())
     bad = small_state(4)
     bad = dataclasses.replace(bad, params={**bad.params, "w": bad.params["w"].at[0, 0].set(jnp.nan)})
-    checkpoints.save(mngr, 4, bad, {}, MODEL)  # only possible by calling Orbax directly: a run refuses to save it
+    checkpoints.save(mngr, 4, bad, {}, SPEC.to_json())  # only by calling this directly: a run refuses to save it
     checkpoints.wait(mngr)
     mngr.close()
     with pytest.warns(UserWarning, match="step 4 .*non-finite"):
@@ -125,26 +124,61 @@ def test_a_leftover_temporary_directory_is_ignored(tmp_path):
     assert int(restore(tmp_path)[0].step) == 4
 
 
-def test_sampling_reads_the_config_the_network_and_only_the_ema_parameters(tmp_path):
-    shapes = jax.eval_shape(lambda: init_params(MODEL, jax.random.key(1)))  # no compile: values made up below
+def made_up_state(step: int) -> training.TrainState:
+    """NET's parameters with random values (no init compile) and EMA parameters = them + 1."""
+    shapes = jax.eval_shape(lambda: init_params(NET, jax.random.key(1)))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
-    state = training.TrainState(
-        jnp.int32(7), params, jax.tree_util.tree_map(lambda x: x + 1.0, params), (), jnp.zeros(2), jnp.zeros(2)
-    )
+    ema = jax.tree_util.tree_map(lambda x: x + 1.0, params)
+    return training.TrainState(jnp.int32(step), params, ema, (), jnp.zeros(2), jnp.zeros(2))
+
+
+def assert_ema_read(params, state):
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sampling_reads_the_config_the_spec_and_only_the_ema_parameters(tmp_path):
+    state = made_up_state(7)
     mngr = checkpoints.manager(tmp_path)
-    checkpoints.save(mngr, 7, state, {"seed": 3, "data": {"image_size": 8}}, MODEL)
+    checkpoints.save(mngr, 7, state, {"seed": 3, "data": {"image_size": 8}}, SPEC.to_json())
     checkpoints.wait(mngr)
     mngr.close()
-    loaded = checkpoints.load_for_sampling(tmp_path)
-    assert loaded.step == 7 and loaded.model == MODEL and loaded.config.data.image_size == 8
-    for a, b in zip(jax.tree_util.tree_leaves(loaded.ema_params), jax.tree_util.tree_leaves(params), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b) + 1.0)
+    like = lambda spec: pipeline.abstract_params(pipeline.ModelSpec.from_json(spec).network)
+    loaded = checkpoints.load_for_sampling(tmp_path, None, like)
+    assert loaded.step == 7 and pipeline.ModelSpec.from_json(loaded.spec) == SPEC and loaded.config["seed"] == 3
+    assert_ema_read(loaded.ema_params, state)
     assert checkpoints.restore_config(tmp_path)["seed"] == 3
+    # The Pipeline of the workdir: the spec's network, diffusion and clip, at the EMA parameters.
+    pipe = pipeline.from_workdir(tmp_path)
+    assert pipe.image_shape == (8, 8, 1) and pipe.num_timesteps == 100 and pipe.clip_x0 is False
+    assert pipe.data == DataConfig() and "step 7, EMA" in pipe.source
     with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 5 .* \[7\]"):
-        checkpoints.load_for_sampling(tmp_path, step=5)
+        checkpoints.load_for_sampling(tmp_path, 5, like)
     with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*train first"):
-        checkpoints.load_for_sampling(tmp_path / "elsewhere")
+        pipeline.from_workdir(tmp_path / "elsewhere")
+
+
+def test_a_checkpoint_of_jaxdiff_0_1_still_samples(tmp_path):
+    """jaxdiff 0.1 saved the network's config (item ``model``) beside the run's config, and no spec."""
+    import dataclasses as dc
+
+    config = load_config("tiny")
+    config.diffusion.variance = "fixed_large"
+    state = made_up_state(4)
+    mngr = checkpoints.manager(tmp_path)
+    items = dict(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config.to_dict()),
+        model=ocp.args.JsonSave(dc.asdict(NET)),
+    )
+    mngr.save(4, args=ocp.args.Composite(**items))
+    checkpoints.wait(mngr)
+    mngr.close()
+    pipe = pipeline.from_workdir(tmp_path)
+    assert pipe.variance == "fixed_large" and pipe.num_timesteps == 100 and pipe.image_shape == (8, 8, 1)
+    assert pipe.data.dataset == "digits" and pipe.data.eval_split == "test"
+    assert_ema_read(pipe.params, state)
 
 
 # ------------------------------------------------------------------------------------ train.py as a user runs it
@@ -310,7 +344,7 @@ def test_on_two_hosts_a_sigterm_to_one_makes_both_save_the_same_step(tmp_path, d
 
 def test_an_injected_nan_stops_the_run_and_the_newest_checkpoint_is_finite(tmp_path, monkeypatch, digits_dir):
     calls = {"n": 0}
-    real_global_batch = experiment.global_batch
+    real_global_batch = parallel.global_batch
 
     def poisoned(local, mesh):  # the 5th batch (step 5) carries a NaN pixel
         calls["n"] += 1
@@ -320,9 +354,9 @@ def test_an_injected_nan_stops_the_run_and_the_newest_checkpoint_is_finite(tmp_p
             batch["image"][0, 0, 0, 0] = np.nan
         return real_global_batch(batch, mesh)
 
-    monkeypatch.setattr(experiment, "global_batch", poisoned)
+    monkeypatch.setattr(parallel, "global_batch", poisoned)
     config = tiny_config(digits_dir, num_steps=8, checkpoint_every=2, log_every=8, eval_every=0, sample_every=0)
-    with pytest.raises(experiment.NonFiniteLossError, match="at step 5"):
+    with pytest.raises(actions.NonFiniteLossError, match="at step 5"):
         experiment.train_and_evaluate(config, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
     saved = final_state(tmp_path, 4)

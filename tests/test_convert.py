@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import generate
+from jaxdiff import pipeline
 from jaxdiff.models import UNet, convert_diffusers_state_dict, load_diffusers_unet, unet_config_from_diffusers
+from jaxdiff.schedules import beta_schedule
+from tests.helpers import DDPM_SETTINGS, diffusers_unet
 
 CIFAR10 = dict(  # google/ddpm-cifar10-32's architecture
     sample_size=32,
@@ -51,15 +53,6 @@ SMALL = {
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
     ),
 }
-DDPM_SETTINGS = dict(norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0)
-
-
-def diffusers_unet(**arch):
-    torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
-    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[torch]'")
-    torch.manual_seed(0)
-    kw = {"in_channels": 3, "out_channels": 3, "attention_head_dim": None, **DDPM_SETTINGS, **arch}
-    return diffusers.UNet2DModel(**kw).eval()
 
 
 def state_dict(model):
@@ -214,14 +207,10 @@ def test_a_downloaded_repo_brings_its_scheduler_settings_and_one_kind_of_weights
         scheduler = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500, "variance_type": "fixed_small"}
         (repo / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "clip_sample": False}))
         calls.clear()
-        model = generate.load_diffusers(f"org/repo-{safe}", download=True)
-        assert (model.beta_schedule, model.num_timesteps, model.variance, model.clip_x0) == (
-            "cosine",
-            500,
-            "fixed_small",
-            False,
-        )
-        assert model.network.num_classes == 10 and model.source == f"org/repo-{safe}"
+        model = pipeline.from_diffusers(f"org/repo-{safe}", download=True)
+        np.testing.assert_array_equal(model.betas, beta_schedule("cosine", 500))
+        assert (model.variance, model.clip_x0) == ("fixed_small", False)
+        assert model.num_classes == 10 and model.null_class == 10 and model.source == f"org/repo-{safe}"
         assert all("scheduler/scheduler_config.json" in patterns for patterns in calls)
         # The safetensors weights when the repo has them; the .bin ones only after finding none.
         fetched = [[p for p in patterns if "diffusion_pytorch_model" in p] for patterns in calls]

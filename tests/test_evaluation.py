@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import diffusion, evaluation, features, generate
+from jaxdiff import actions, diffusion, evaluation, features, parallel, pipeline
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.models import inception
 from jaxdiff.models.torch_files import read_tensors
-from tests.test_samplers import fake_run
+from tests.helpers import fake_run, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -253,13 +253,13 @@ def test_the_digits_metrics_rank_real_digits_above_damaged_ones(digits, tmp_path
 def tiny_model(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     fake_run(workdir)
-    return generate.load_workdir(workdir), workdir
+    return pipeline.from_workdir(workdir), workdir
 
 
 def test_the_bound_over_a_split_does_not_depend_on_the_batch_size(tiny_model):
     model, _ = tiny_model
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
-    bound = evaluation.make_bound_fn(model.network, model.schedule(), model.prediction, model.variance)
+    bound = pipeline.make_bound_fn(model)
     key = jax.random.key(7)
     by3 = evaluation.bound_over_split(bound, model.params, images, key, 3)
     by5 = evaluation.bound_over_split(bound, model.params, images, key, 5)
@@ -272,10 +272,9 @@ def test_the_bound_over_a_split_does_not_depend_on_the_batch_size(tiny_model):
     assert by5.total == pytest.approx(by5.prior + by5.per_timestep.sum(), rel=1e-6)
     # Image i's terms are variational_bound's with the key fold_in(key, i).
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(5))
-    net = __import__("jaxdiff").UNet(model.network)
     direct = diffusion.variational_bound(
-        model.schedule(),
-        lambda x, t: net.apply(model.params, x, t),
+        model.schedule,
+        lambda x, t: model.apply_fn(model.params, x, t, None),
         jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
         keys,
         variance=model.variance,
@@ -298,7 +297,7 @@ def test_sample_py_evaluates_bpd_and_fid_and_refuses_bad_requests(tiny_model, di
     saved = json.loads((tmp_path / "bpd" / "bpd.json").read_text())
     assert saved["num_examples"] == 6 and len(saved["per_timestep_bits_per_dim"]) == 100
     images, _ = load_split(DataConfig("digits", "test[:6]"))
-    bound = evaluation.make_bound_fn(model.network, model.schedule(), model.prediction, model.variance)
+    bound = pipeline.make_bound_fn(model)
     here = evaluation.bound_over_split(bound, model.params, images, jax.random.key(0), 6)
     assert saved["bits_per_dim"]["total"] == pytest.approx(here.total, rel=1e-5)
     assert f"bits/dim {saved['bits_per_dim']['total']:.4f} +- " in bpd.stdout
@@ -326,26 +325,27 @@ def test_sample_py_evaluates_bpd_and_fid_and_refuses_bad_requests(tiny_model, di
 def test_a_split_of_other_images_is_refused_before_evaluating(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ValueError, match=r"takes 8x8x1 images but cifar10 test has 32x32x3"):
-        evaluation.check_images_fit(model.network, np.zeros((2, 32, 32, 3), np.uint8), "cifar10 test")
-    evaluation.check_images_fit(model.network, np.zeros((2, 8, 8, 1), np.uint8), "digits test")  # fits: no error
+        evaluation.check_images_fit(model, np.zeros((2, 32, 32, 3), np.uint8), "cifar10 test")
+    evaluation.check_images_fit(model, np.zeros((2, 8, 8, 1), np.uint8), "digits test")  # fits: no error
 
 
 def test_the_training_time_fid_judges_fresh_ema_samples(tiny_model, digits, tmp_path, monkeypatch):
-    from jaxdiff import experiment
-    from jaxdiff.training import make_mesh
-
     model, _ = tiny_model
     monkeypatch.setenv("JAXDIFF_CACHE", str(tmp_path))
-    config = __import__("importlib").import_module("configs.tiny").get_config()
+    config = load_config("tiny")
     config.evaluation.fid_every, config.evaluation.fid_num_samples, config.evaluation.steps = 2, 12, 3
     config.evaluation.fid_batch_size = 8
-    fid = experiment.fid_fn(config, model.network, make_mesh(), print)
+    from jaxdiff import experiment
+
+    settings = experiment.run_config(config)
+    fid = actions.make_fid(settings.evaluation, settings.data, model, parallel.make_mesh())
     got = fid(model.params, 7)
-    # The same figure from the parts: samples with seed config.seed + step, judged against the cached train stats.
-    run = generate.make_sampler(model, "ddim", 3)
-    images = generate.generate(model, run, 12, 8, seed=config.seed + 7)
+    # The same figure from the parts: samples with seed 7, judged against the cached train statistics.
+    run = pipeline.make_sampler(model, "ddim", 3)
+    images = pipeline.generate(model, run, 12, 8, seed=7)
     reference = evaluation.reference_stats(digits[2], DataConfig("digits", "train"), tmp_path, log=pytest.fail)
     want = evaluation.sample_quality(digits[2], images, reference)
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-5) and got["score"] == pytest.approx(want["score"])
     config.evaluation.fid_every = 0
-    assert experiment.fid_fn(config, model.network, make_mesh(), print) is None
+    settings = experiment.run_config(config)
+    assert actions.make_fid(settings.evaluation, settings.data, model, parallel.make_mesh()) is None

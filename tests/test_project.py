@@ -2,6 +2,10 @@
 
 import pathlib
 import re
+import subprocess
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -22,3 +26,38 @@ def test_readme_example_runs_and_its_bound_adds_up():
     assert bound.per_timestep.shape == (8, 1000)
     total = bound.prior + bound.denoising + bound.reconstruction
     assert abs(float((bound.total - total).max())) < 1e-4
+
+
+HEAVY = ("flax", "tensorflow", "tensorflow_datasets", "orbax", "torch", "jaxdiff.models")
+LOADS = "import importlib, sys; importlib.import_module(sys.argv[1]); print(' '.join(sys.modules))"
+
+
+def loaded_by(module: str) -> set[str]:
+    """The modules in ``sys.modules`` after importing ``module`` in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADS, module], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("module", "must_not_load"),
+    [
+        ("jaxdiff", ("flax", "tensorflow", "tensorflow_datasets", "torch", "jaxdiff.models")),
+        ("jaxdiff.schedules", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.diffusion", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.samplers", ("flax", "tensorflow", "jaxdiff.models")),
+    ],
+)
+def test_the_pure_math_loads_neither_flax_nor_tensorflow(module, must_not_load):
+    assert not loaded_by(module) & set(must_not_load)
+
+
+def test_the_import_check_sees_what_the_upper_floors_load():
+    """The check above has power: the Pipeline (which builds the UNet) does load Flax and jaxdiff.models, and the
+    package's lazy names still work."""
+    assert {"flax", "jaxdiff.models"} <= loaded_by("jaxdiff.pipeline") & set(HEAVY)
+    import jaxdiff
+
+    assert jaxdiff.UNet.__module__ == "jaxdiff.models.unet" and jaxdiff.Pipeline.__module__ == "jaxdiff.pipeline"

@@ -4,8 +4,6 @@ steps changes nothing; guidance at w = 0 is the conditional model; trajectories;
 
 import dataclasses
 import functools
-import importlib
-import pathlib
 import re
 import subprocess
 import sys
@@ -16,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoints, generate, samplers, training
-from jaxdiff.models import UNetConfig, init_params
+from jaxdiff import pipeline, samplers
 from jaxdiff.schedules import beta_schedule, make_schedule
+from tests.helpers import ROOT, fake_run
 
 T = 1000
 SHAPE = (2, 2, 1)  # four dimensions per "image", independent Gaussians
@@ -216,24 +214,6 @@ def test_bad_input():
 
 # ----------------------------------------------------------------------------------- sample.py and many devices
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NET = UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
-
-
-def fake_run(workdir, network=NET, **diffusion):
-    """A workdir with one checkpoint of made-up parameters (no init compile), as train.py would leave it."""
-    config = importlib.import_module("configs.tiny").get_config()
-    for key, value in diffusion.items():
-        setattr(config.diffusion, key, value)
-    shapes = jax.eval_shape(lambda: init_params(network, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
-    state = training.TrainState(jnp.int32(3), params, params, (), jnp.zeros(1), jnp.zeros(1))
-    mngr = checkpoints.manager(workdir)
-    checkpoints.save(mngr, 3, state, config, network)
-    checkpoints.wait(mngr)
-    mngr.close()
-
 
 def test_sample_py_writes_the_grid_the_pngs_and_an_npz_for_fid_tools(tmp_path, subprocess_env):
     fake_run(tmp_path / "run")
@@ -255,9 +235,9 @@ def test_sample_py_writes_the_grid_the_pngs_and_an_npz_for_fid_tools(tmp_path, s
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "images" / "000004.png")), images[4, ..., 0])
     assert (tmp_path / "out" / "grid.png").is_file()
     # The same request gives the same images (batch i from fold_in(key(seed), i)); bad requests fail clearly.
-    model = generate.load_workdir(tmp_path / "run")
-    run = generate.make_sampler(model, "ddim", 5)
-    np.testing.assert_array_equal(generate.generate(model, run, 10, 4, seed=0), images)
+    pipe = pipeline.from_workdir(tmp_path / "run")
+    run = pipeline.make_sampler(pipe, "ddim", 5)
+    np.testing.assert_array_equal(pipeline.generate(pipe, run, 10, 4, seed=0), images)
     missing = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), f"--workdir={tmp_path / 'none'}"],
         env=subprocess_env,
@@ -270,24 +250,24 @@ def test_sample_py_writes_the_grid_the_pngs_and_an_npz_for_fid_tools(tmp_path, s
 
 def test_bad_sampling_requests_fail_before_any_compile(tmp_path):
     fake_run(tmp_path)
-    model = generate.load_workdir(tmp_path)
+    model = pipeline.from_workdir(tmp_path)
     with pytest.raises(ValueError, match=r"steps must lie in \[1, 100\]"):
-        generate.check_request(model, "ddim", 101, 0.0, None, 0.0)
+        pipeline.check_request(model, "ddim", 101, 0.0, None, 0.0)
     with pytest.raises(ValueError, match="steps must lie"):
-        generate.check_request(model, "ddpm", 0, 0.0, None, 0.0)
+        pipeline.check_request(model, "ddpm", 0, 0.0, None, 0.0)
     with pytest.raises(ValueError, match="eta must be >= 0"):
-        generate.check_request(model, "ddim", 10, -1.0, None, 0.0)
+        pipeline.check_request(model, "ddim", 10, -1.0, None, 0.0)
     with pytest.raises(ValueError, match="unconditional"):
-        generate.check_request(model, "ddim", 10, 0.0, 3, 0.0)
+        pipeline.check_request(model, "ddim", 10, 0.0, 3, 0.0)
     with pytest.raises(ValueError, match="unconditional"):
-        generate.check_request(model, "ddim", 10, 0.0, None, 2.0)
+        pipeline.check_request(model, "ddim", 10, 0.0, None, 2.0)
     with pytest.raises(ValueError, match="Unknown sampler"):
-        generate.check_request(model, "dpm", 10, 0.0, None, 0.0)
-    conditional = dataclasses.replace(model, network=dataclasses.replace(NET, num_classes=10))
+        pipeline.check_request(model, "dpm", 10, 0.0, None, 0.0)
+    conditional = dataclasses.replace(model, num_classes=10)
     with pytest.raises(ValueError, match=r"label must lie in \[0, 9\]"):
-        generate.check_request(conditional, "ddpm", None, 0.0, 10, 1.0)
-    np.testing.assert_array_equal(generate.labels_for(5, 3, None), [0, 1, 2, 0, 1])
-    np.testing.assert_array_equal(generate.labels_for(3, 3, 2), [2, 2, 2])
+        pipeline.check_request(conditional, "ddpm", None, 0.0, 10, 1.0)
+    np.testing.assert_array_equal(pipeline.labels_for(5, 3, None), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(pipeline.labels_for(3, 3, 2), [2, 2, 2])
 
 
 SHARDED = """
@@ -295,12 +275,12 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
-from jaxdiff import generate
-from jaxdiff.training import make_mesh
-model = generate.load_workdir(sys.argv[2])
+from jaxdiff import pipeline
+from jaxdiff.parallel import make_mesh
+pipe = pipeline.from_workdir(sys.argv[2])
 key = jax.random.key(11)
-one = generate.make_sampler(model, "ddpm", 4, mesh=make_mesh(jax.devices()[:1]))(model.params, key, None, 16)
-eight = generate.make_sampler(model, "ddpm", 4, mesh=make_mesh())(model.params, key, None, 16)
+one = pipeline.make_sampler(pipe, "ddpm", 4, mesh=make_mesh(jax.devices()[:1]))(pipe.params, key, None, 16)
+eight = pipeline.make_sampler(pipe, "ddpm", 4, mesh=make_mesh())(pipe.params, key, None, 16)
 assert len(eight.sharding.device_set) == 8 and len(one.sharding.device_set) == 1
 np.savez(sys.argv[3], one=np.asarray(one), eight=np.asarray(eight))
 """

@@ -1,32 +1,27 @@
 """Training: the step learns, is the same on 1 device, 8 devices and 2 processes; configs; the input pipeline."""
 
+import dataclasses
 import functools
-import importlib
+import json
 import pathlib
-import socket
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import experiment, training
+from jaxdiff import actions, experiment, logs, parallel, pipeline, training
 from jaxdiff.data import Batches, DataConfig, global_indices, load_split
-from jaxdiff.models import UNet, UNetConfig
+from jaxdiff.models import UNetConfig, init_params, make_apply
 from jaxdiff.schedules import make_schedule
+from tests.helpers import ROOT, free_port, load_config, tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 TINY = UNetConfig(
     image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0
 )
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-    return importlib.import_module(f"configs.{name}").get_config()
 
 
 @functools.cache
@@ -34,9 +29,10 @@ def tiny_run():
     """One small network, optimizer and compiled step shared by the tests (init and compile dominate their time)."""
     opt = training.OptimConfig(lr=2e-3, warmup_steps=0, total_steps=100, ema_decay=0.9)
     optimizer = training.make_optimizer(opt)
-    state = training.init_train_state(TINY, optimizer, 100, seed=0)
+    state = training.init_train_state(init_params(TINY, training.run_keys(0)[0]), optimizer, 100)
     schedule = make_schedule("linear", 100)
-    step = jax.jit(training.make_train_step(UNet(TINY), schedule, training.Objective(), optimizer, opt, seed=0))
+    objective = pipeline.DiffusionConfig(num_timesteps=100)
+    step = jax.jit(training.make_train_step(make_apply(TINY), schedule, objective, optimizer, opt, seed=0))
     return state, step
 
 
@@ -91,12 +87,6 @@ def test_importance_sampling_prefers_high_loss_timesteps():
     np.testing.assert_allclose(float(jnp.mean(weights * losses)), (90 * 1 + 10 * 30) / 100, rtol=0.1)
     _, uniform_w = training._draw_timesteps(jax.random.key(0), state, 100, 100, importance=False)
     assert np.all(uniform_w == 1.0)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(tmp_path, env, runs):
@@ -166,13 +156,15 @@ def test_one_device_eight_devices_and_two_processes_train_alike_and_share_checkp
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_and_traces_one_step(name):
     config = load_config(name)
+    run = experiment.run_config(config)
     channels = 1 if config.data.dataset in ("digits", "mnist", "fashion_mnist") else 3
-    model_cfg = experiment.unet_config(config, channels, 10)
-    schedule = experiment.schedule_from(config)
-    opt = experiment.optim_config(config)
-    optimizer = training.make_optimizer(opt)
-    step = training.make_train_step(UNet(model_cfg), schedule, experiment.objective(config), optimizer, opt, 0)
-    state = jax.eval_shape(lambda: training.init_train_state(model_cfg, optimizer, schedule.num_timesteps, config.seed))
+    model_cfg = run.network(channels, 10)
+    schedule = make_schedule(run.diffusion.beta_schedule, run.diffusion.num_timesteps)
+    optimizer = training.make_optimizer(run.optim)
+    apply = make_apply(model_cfg)
+    step = training.make_train_step(apply, schedule, run.diffusion, optimizer, run.optim, 0, model_cfg.num_classes)
+    params = pipeline.abstract_params(model_cfg)
+    state = jax.eval_shape(lambda p: training.init_train_state(p, optimizer, schedule.num_timesteps), params)
     size = config.data.image_size
     batch = {
         "image": jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32),
@@ -274,25 +266,21 @@ def test_bad_input_fails_before_any_compile(tmp_path):
     class FakeMesh:
         devices = np.empty(8)
 
-    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
-        training.check_batch_size(12, FakeMesh())
+    with pytest.raises(ValueError, match="batch size 12 is not a positive multiple of the 8 devices"):
+        parallel.check_batch_size(12, FakeMesh())
     config = load_config("digits")
     with config.unlocked():
         config.data.image_size = 7
     with pytest.raises(ValueError, match="image_size 7 is not divisible"):
-        experiment.unet_config(config, 1, None)
+        experiment.run_config(config).network(1, None)
+    config = load_config("digits")
+    config.diffusion.prediction = "score"
+    with pytest.raises(ValueError, match="Unknown prediction"):
+        experiment.run_config(config)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot be written"):
         experiment.train_and_evaluate(load_config("tiny"), blocker / "run")
-
-
-def tiny_config(workdir_data: pathlib.Path, **training_overrides) -> ml_collections.ConfigDict:
-    config = load_config("tiny")
-    config.data.data_dir = str(workdir_data)
-    for key, value in training_overrides.items():
-        setattr(config.training, key, value)
-    return config
 
 
 def assert_run_outputs(workdir: pathlib.Path, step: int, image_px: int = 8):
@@ -323,7 +311,7 @@ def test_a_tiny_run_trains_samples_checkpoints_and_resumes_on_mock_data(tmp_path
         assert int(resumed.step) == 6
         assert (workdir / "checkpoints" / "6").is_dir()
         # The logged scalars of both sessions read back as one series, equal to the printed lines.
-        metrics = experiment.read_metrics(workdir)
+        metrics = logs.read_metrics(workdir)
         steps, losses = metrics["loss"]
         assert steps.tolist() == [2, 4, 6]
         assert f"step 4/4  loss {losses[1]:.4f}" in out and f"step 6/6  loss {losses[2]:.4f}" in resumed_out
@@ -331,7 +319,7 @@ def test_a_tiny_run_trains_samples_checkpoints_and_resumes_on_mock_data(tmp_path
         assert bpd_steps.tolist() == [4, 6]
         assert f"step 4  eval bits/dim {bpd[0]:.3f}" in out and f"step 6  eval bits/dim {bpd[1]:.3f}" in resumed_out
     with pytest.raises(FileNotFoundError, match="No TensorBoard logs"):
-        experiment.read_metrics(tmp_path / "data")
+        logs.read_metrics(tmp_path / "data")
 
 
 def test_a_tiny_run_on_the_real_digits(tmp_path, capsys):
@@ -353,6 +341,73 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step(tmp_path):
     config.optim.lr = 1e30  # the first update sends the weights to ~1e30: the second forward pass overflows
     config.optim.warmup_steps = 0
     with tfds.testing.mock_data(num_examples=32, data_dir=str(tmp_path / "data")):
-        with pytest.raises(experiment.NonFiniteLossError, match="at step 2"):
+        with pytest.raises(actions.NonFiniteLossError, match="at step 2"):
             experiment.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
+
+
+def test_every_config_key_is_a_dataclass_field_and_every_field_a_key():
+    """The config boundary is mechanical: each section of configs/default.py is one dataclass, key for key (the
+    fields a run derives from the data are named)."""
+    from jaxdiff.pipeline import DiffusionConfig
+
+    config = load_config("default").to_dict()
+    sections = {
+        "data": (DataConfig, ()),
+        "model": (UNetConfig, experiment.DERIVED_NETWORK_FIELDS),
+        "diffusion": (DiffusionConfig, ()),
+        "optim": (training.OptimConfig, experiment.DERIVED_OPTIM_FIELDS),
+        "training": (experiment.TrainingConfig, ()),
+        "sampling": (experiment.SamplingConfig, ()),
+        "evaluation": (experiment.EvaluationConfig, ()),
+    }
+    assert set(config) == {f.name for f in dataclasses.fields(experiment.RunConfig)} == {*sections, "seed"}
+    for name, (cls, derived) in sections.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(derived) <= fields, name
+        assert set(config[name]) == fields - set(derived), name
+    # Every shipped config maps onto them (a stray key would fail here), and the defaults agree with the dataclasses'.
+    for name in CONFIGS:
+        experiment.run_config(load_config(name))
+    run = experiment.run_config(load_config("default"))
+    assert run.diffusion == DiffusionConfig(variance="fixed_large") and run.data.eval_split == "test"
+
+
+def test_a_conditional_run_logs_what_sample_py_computes(tmp_path):
+    """A class-conditional run's last logged bits/dim equals ``sample.py --eval=bpd`` on the same images and keys,
+    and its last sample grid (the classes in turn) equals ``sample.py``'s with the same seed."""
+    from PIL import Image
+
+    from jaxdiff import commands
+
+    workdir = tmp_path / "run"
+    config = tiny_config(tmp_path / "data", num_steps=2, eval_every=2, sample_every=2, checkpoint_every=2)
+    config.data.class_conditional = True
+    config.diffusion.label_dropout = 0.2
+    config.optim.lr, config.optim.warmup_steps = 1e-2, 0  # two steps that move the (zero-initialised) output layer
+    config.training.num_samples = 4
+    experiment.train_and_evaluate(config, workdir)
+    pipe = pipeline.from_workdir(workdir)
+    assert pipe.num_classes == 10 and pipe.null_class == 10
+
+    n = config.training.eval_batch_size
+    request = dict(workdir=str(workdir), seed=config.seed, out=str(tmp_path / "out"))
+    assert commands.sample(commands.SampleRequest(eval="bpd", split=f"test[:{n}]", **request)) == 0
+    from_sample_py = json.loads((tmp_path / "out" / "bpd.json").read_text())["bits_per_dim"]
+    logged = logs.read_metrics(workdir)
+    for term in ("total", "prior", "denoising", "reconstruction"):
+        steps, values = logged[f"eval/{term}_bpd"]
+        assert steps.tolist() == [2]
+        assert values[-1] == pytest.approx(from_sample_py[term], rel=1e-5, abs=1e-6), term
+
+    assert commands.sample(commands.SampleRequest(num_samples=4, **request)) == 0
+    grid = np.asarray(Image.open(workdir / "samples_0000002.png"))
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "out" / "grid.png")))
+    # The grid drew the classes in turn: with the first image's class for all four, only the first image is the same.
+    drawn = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert (
+        commands.sample(commands.SampleRequest(num_samples=4, label=0, **{**request, "out": str(tmp_path / "o")})) == 0
+    )
+    zeros = np.load(tmp_path / "o" / "samples.npz")["arr_0"]
+    np.testing.assert_array_equal(zeros[0], drawn[0])
+    assert all(np.any(zeros[i] != drawn[i]) for i in (1, 2, 3))

@@ -27,9 +27,9 @@ if args.processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.processes, args.process)
 
-from jaxdiff import checkpoints, training  # noqa: E402
+from jaxdiff import checkpoints, parallel, pipeline, training  # noqa: E402
 from jaxdiff.data import Batches  # noqa: E402
-from jaxdiff.models import UNet, UNetConfig  # noqa: E402
+from jaxdiff.models import UNetConfig, init_params, make_apply  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
 
 GLOBAL_BATCH = 16
@@ -49,25 +49,26 @@ batches = Batches(
     process_count=jax.process_count(),
 )
 
-mesh = training.make_mesh()
-fresh = lambda: training.init_train_state(cfg, optimizer, 100, seed=0)
+mesh = parallel.make_mesh()
+fresh = lambda: training.init_train_state(init_params(cfg, training.run_keys(0)[0]), optimizer, 100)
 state, mngr = None, None
 if args.workdir:
     mngr = checkpoints.manager(args.workdir)
-    target = checkpoints.abstract(jax.eval_shape(fresh), training.replicated(mesh))
+    target = checkpoints.abstract(jax.eval_shape(fresh), parallel.replicated(mesh))
     state, _ = checkpoints.restore_latest(mngr, target)
-state = state if state is not None else training.replicate(fresh(), mesh)
+state = state if state is not None else parallel.replicate(fresh(), mesh)
+objective = pipeline.DiffusionConfig(num_timesteps=100)
 step = training.shard_train_step(
-    training.make_train_step(UNet(cfg), schedule, training.Objective(), optimizer, opt, seed=0), mesh
+    training.make_train_step(make_apply(cfg), schedule, objective, optimizer, opt, seed=0), mesh
 )
 start = int(state.step)
 restored = [np.asarray(leaf.addressable_data(0)) for leaf in jax.tree_util.tree_leaves(state.params)]
 losses = []
 for s in range(start, args.steps):
-    state, metrics = step(state, training.global_batch(batches.at(s), mesh))
+    state, metrics = step(state, parallel.global_batch(batches.at(s), mesh))
     losses.append(float(metrics["loss"]))
 if mngr is not None:
-    checkpoints.save(mngr, args.steps, state, {"worker": True}, cfg)
+    checkpoints.save(mngr, args.steps, state, {"worker": True}, pipeline.ModelSpec(cfg, objective).to_json())
     checkpoints.wait(mngr)
 # The state is replicated: every process holds all of it, in its first local shard.
 leaves = [np.asarray(leaf.addressable_data(0)) for leaf in jax.tree_util.tree_leaves(state.params)]

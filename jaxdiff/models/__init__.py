@@ -1,7 +1,7 @@
 """Flax Linen networks. They know nothing of diffusion: (x_t, t[, labels]) -> output."""
 
 from jaxdiff.models.convert import convert_diffusers_state_dict, load_diffusers_unet, unet_config_from_diffusers
-from jaxdiff.models.unet import UNet, UNetConfig, count_params, init_params, timestep_embedding
+from jaxdiff.models.unet import UNet, UNetConfig, count_params, init_params, make_apply, timestep_embedding
 
 __all__ = [
     "UNet",
@@ -10,6 +10,7 @@ __all__ = [
     "count_params",
     "init_params",
     "load_diffusers_unet",
+    "make_apply",
     "timestep_embedding",
     "unet_config_from_diffusers",
 ]

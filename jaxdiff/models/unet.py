@@ -316,3 +316,19 @@ def init_params(config: UNetConfig, key: Array, batch_size: int = 1) -> dict:
 def count_params(params) -> int:
     """The number of scalars in a parameter pytree."""
     return sum(int(math.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def make_apply(config: UNetConfig):
+    """The network as a plain function ``apply(params, x, t, labels=None, dropout_key=None) -> output``.
+
+    With ``dropout_key`` the network runs in training mode (dropout on, drawn from that key); without, in inference
+    mode. This is what the rest of jaxdiff holds instead of a Flax module.
+    """
+    net = UNet(config)
+
+    def apply(params, x: Array, t: Array, labels: Array | None = None, dropout_key: Array | None = None) -> Array:
+        if dropout_key is None:
+            return net.apply(params, x, t, labels)
+        return net.apply(params, x, t, labels, train=True, rngs={"dropout": dropout_key})
+
+    return apply

@@ -1,0 +1,234 @@
+"""The periodic work of a training run, as named actions called after every step.
+
+Each action is clu's ``PeriodicCallback`` (as in flax's examples): it fires every ``n`` steps and after the last one,
+never when ``n <= 0``. What they do is in one function each, taking the step, the state and the step's metrics:
+
+* :func:`report` -- the loss and the rest of the metrics, steps/s and ETA, to stdout and TensorBoard;
+* :func:`evaluate_bound` -- bits/dim of the EMA model on a fixed held-out batch with fixed keys
+  (:func:`jaxdiff.evaluation.bound_over_split`, the figure ``sample.py --eval=bpd`` gives on the same images);
+* :func:`make_fid` -- FID (and the score) of fresh EMA samples against the cached training-split statistics;
+* :func:`sample_grid` -- a PNG grid of EMA samples with a fixed seed (the classes in turn for a conditional model);
+* :class:`Checkpointer` -- checkpoints, with the non-finite check before them;
+* :class:`Actions` -- all of them after each step, and SIGTERM (preemption): save at once and stop.
+
+A non-finite loss is looked at only before a report or a checkpoint (no per-step host sync): the step that made it
+left the state unchanged (see :func:`jaxdiff.training.make_train_step`), so the state in hand is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from clu import periodic_actions
+
+from jaxdiff import checkpoints, evaluation, features, parallel, pipeline
+from jaxdiff.data import DataConfig
+from jaxdiff.images import save_grid
+from jaxdiff.logs import Progress, is_main_process, log
+from jaxdiff.pipeline import Pipeline
+from jaxdiff.training import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/inf: the run stops; the state kept is the last finite one."""
+
+
+def every(n: int, last_step: int, fn: Callable) -> periodic_actions.PeriodicCallback | None:
+    """``fn(step=, t=, state=, metrics=)`` every ``n`` steps and after ``last_step``; None (never) when n <= 0."""
+    if n <= 0:
+        return None
+    return periodic_actions.PeriodicCallback(every_steps=n, on_steps=[last_step], callback_fn=fn)
+
+
+class FiniteGuard:
+    """Collects each step's ``finite`` flag (a device scalar) and reads them all in one go when asked."""
+
+    def __init__(self):
+        self.unchecked: list[tuple[int, jax.Array]] = []
+
+    def record(self, step: int, finite: jax.Array) -> None:
+        self.unchecked.append((step, finite))
+
+    def check(self, state: TrainState) -> None:
+        """Raise :class:`NonFiniteLossError` at the first recorded step whose loss or gradient was not finite."""
+        flags = jax.device_get([flag for _, flag in self.unchecked])
+        for (step, _), finite in zip(self.unchecked, flags, strict=True):
+            if finite < 1:
+                raise NonFiniteLossError(
+                    f"Non-finite loss or gradient at step {step}. The run stops; the state in memory is the last "
+                    f"finite one (step {int(state.step)}) and no checkpoint of a later state was written. Lower the "
+                    "learning rate, check the data, or resume from the last checkpoint."
+                )
+        self.unchecked.clear()
+
+
+class Checkpointer:
+    """Saves the state (never a non-finite one) with the run's config and spec beside it."""
+
+    def __init__(self, manager, config: dict, spec: pipeline.ModelSpec, guard: FiniteGuard | None = None):
+        self.manager, self.config, self.spec = manager, config, spec.to_json()
+        self.guard = guard or FiniteGuard()
+
+    def __call__(self, step: int, state: TrainState, **_) -> None:
+        self.guard.check(state)
+        if not bool(parallel.all_finite(state)):
+            raise NonFiniteLossError(
+                f"The state after step {step} holds non-finite parameters (the updates overflowed); it is not saved, "
+                f"and the newest checkpoint in {self.manager.directory} stays the last good one. Lower the learning "
+                "rate."
+            )
+        checkpoints.save(self.manager, step, state, self.config, self.spec)
+
+    def preempted(self, step: int, state: TrainState) -> None:
+        """Save at ``step`` now and wait for it: the process is about to be stopped."""
+        self(step, state)
+        checkpoints.wait(self.manager)
+        log(
+            f"Preempted (SIGTERM) after step {step}: saved the checkpoint at step {step} in "
+            f"{self.manager.directory}. Run the same command again to resume."
+        )
+
+
+class Report:
+    """The metrics of the step, steps/s since the end of the first step (which holds the compile) and the ETA: a stdout
+    line and TensorBoard scalars."""
+
+    def __init__(self, writer, guard: FiniteGuard, last_step: int, batch_size: int):
+        self.writer, self.guard, self.last_step, self.batch_size = writer, guard, last_step, batch_size
+        self.since: tuple[int, float] | None = None
+
+    def start(self, step: int, metrics: dict) -> None:
+        """Start the clock once the first step (and its compile) is done."""
+        jax.block_until_ready(metrics)
+        self.since = (step, time.perf_counter())
+
+    def __call__(self, step: int, state: TrainState, metrics: dict, **_) -> None:
+        self.guard.check(state)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        start_step, start_time = self.since or (step, time.perf_counter())
+        rate = (step - start_step) / (time.perf_counter() - start_time) if step > start_step else math.nan
+        images = rate * self.batch_size
+        self.writer.write_scalars(step, {**metrics, "steps_per_sec": rate, "images_per_sec": images})
+        eta = (self.last_step - step) / rate if rate > 0 else math.nan
+        log(
+            f"step {step}/{self.last_step}  loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  "
+            f"{rate:.2f} steps/s  {images:.0f} images/s  ETA {eta / 60:.1f} min"
+        )
+
+
+def evaluate_bound(
+    pipe: Pipeline, writer, held_out: tuple[np.ndarray, np.ndarray | None], key: jax.Array, mesh
+) -> Callable:
+    """The action: bits/dim of the EMA parameters on ``held_out`` (uint8 images, labels), image i with
+    ``fold_in(key, i)``, compiled once for the run."""
+    images, labels = held_out
+    bound_fn = pipeline.make_bound_fn(pipe, mesh=mesh)
+    batch = parallel.round_up_batch(len(images), mesh)
+
+    def action(step: int, state: TrainState, **_) -> None:
+        result = evaluation.bound_over_split(bound_fn, state.ema_params, images, key, batch, labels, mesh=mesh)
+        writer.write_scalars(step, {f"eval/{k}_bpd": getattr(result, k) for k in evaluation.TERMS})
+        log(
+            f"step {step}  eval bits/dim {result.total:.3f} (prior {result.prior:.2e}, denoising "
+            f"{result.denoising:.3f}, reconstruction {result.reconstruction:.3f})"
+        )
+
+    return action
+
+
+def sample_grid(pipe: Pipeline, workdir: pathlib.Path, num_samples: int, seed: int, mesh) -> Callable:
+    """The action: ``num_samples`` DDPM samples of the EMA parameters (seed ``seed``, one batch) as
+    ``workdir/samples_<step>.png``; what ``sample.py --workdir --seed=<seed> --num_samples=<n>`` draws."""
+    run = pipeline.make_sampler(pipe, "ddpm", mesh=mesh)
+    batch = parallel.round_up_batch(num_samples, mesh)
+
+    def action(step: int, state: TrainState, **_) -> None:
+        images = pipeline.generate(pipe.with_params(state.ema_params), run, num_samples, batch, seed=seed)
+        if is_main_process():
+            log(f"step {step}  wrote {save_grid(images, workdir / f'samples_{step:07d}.png')}")
+
+    return action
+
+
+def make_fid(settings, data: DataConfig, pipe: Pipeline, mesh) -> Callable[[object, int], dict] | None:
+    """``(params, seed) -> {"fid", "score", "num_samples", "features"}``: fresh samples of ``pipe`` at ``params``
+    judged against the cached statistics of ``data``'s train split; None when ``settings.fid_every <= 0``.
+
+    ``settings``: the run's evaluation settings (``fid_every``, ``fid_num_samples``, ``fid_batch_size``, ``sampler``,
+    ``steps`` (0: all T), ``features``, ``inception_weights``).
+    """
+    if settings.fid_every <= 0:
+        return None
+    train = dataclasses.replace(data, split="train", random_flip=False)
+    extractor = features.make_extractor(
+        settings.features, train, settings.inception_weights, batch_size=settings.fid_batch_size, mesh=mesh
+    )
+    reference = evaluation.reference_stats(extractor, train, log=log)
+    run = pipeline.make_sampler(pipe, settings.sampler, settings.steps or None, mesh=mesh)
+    batch = parallel.round_up_batch(min(settings.fid_batch_size, settings.fid_num_samples), mesh)
+
+    def fid(params, seed: int) -> dict:
+        images = pipeline.generate(pipe.with_params(params), run, settings.fid_num_samples, batch, seed=seed)
+        return {**evaluation.sample_quality(extractor, images, reference), "features": extractor.name}
+
+    return fid
+
+
+def fid_action(fid: Callable[[object, int], dict], writer, seed: int) -> Callable:
+    """The action: :func:`make_fid`'s figure for the EMA parameters, samples drawn with seed ``seed + step``."""
+
+    def action(step: int, state: TrainState, **_) -> None:
+        quality = fid(state.ema_params, seed + step)
+        writer.write_scalars(step, {f"eval/{k}": quality[k] for k in ("fid", "score") if k in quality})
+        log(
+            f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f} "
+            f"({quality['num_samples']} EMA samples, {quality['features']} features)"
+        )
+
+    return action
+
+
+class Actions:
+    """Everything a run does after each step: the named periodic actions in order, and preemption.
+
+    Call it after every step with the step just finished; it returns True when the run must stop (SIGTERM: the
+    checkpoint of that step is saved first).
+    """
+
+    def __init__(
+        self,
+        named: dict[str, periodic_actions.PeriodicCallback | None],
+        report: Report,
+        checkpointer: Checkpointer,
+        first_step: int,
+        last_step: int,
+    ):
+        self.named = {name: action for name, action in named.items() if action is not None}
+        self.report, self.checkpointer = report, checkpointer
+        self.first_step = first_step
+        self.preemption = checkpoints.PreemptionWatch()
+        self.progress = Progress(last_step, "step", initial=first_step, lines=False)
+
+    def __call__(self, step: int, state: TrainState, metrics: dict) -> bool:
+        self.checkpointer.guard.record(step, metrics["finite"])
+        if step == self.first_step + 1:
+            self.report.start(step, metrics)
+        if self.preemption.reached(step):
+            self.checkpointer.preempted(step, state)
+            return True
+        self.progress(1)
+        for action in self.named.values():
+            action(step, state=state, metrics=metrics)
+        return False
+
+    def close(self) -> None:
+        """Put the SIGTERM handler back, finish a save in flight, close the bar (also when the run failed)."""
+        self.preemption.close()
+        checkpoints.wait(self.checkpointer.manager)
+        self.progress.close()

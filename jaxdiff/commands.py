@@ -1,0 +1,214 @@
+"""What ``sample.py`` runs: draw images from a Pipeline and write them, or judge it (bits/dim, FID).
+
+:func:`sample` takes a typed :class:`SampleRequest` (``sample.py``'s flags, one field each), builds the
+:class:`~jaxdiff.pipeline.Pipeline` from a workdir or a diffusers model, checks the request before anything
+compiles, then draws (:func:`jaxdiff.pipeline.generate`), evaluates the bound over a split
+(:func:`jaxdiff.evaluation.bound_over_split`) or judges samples (:func:`jaxdiff.evaluation.sample_quality`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxdiff import evaluation, features, images, parallel, pipeline
+from jaxdiff.data import DataConfig, load_split
+from jaxdiff.logs import Progress, is_main_process, log
+from jaxdiff.pipeline import Pipeline
+
+EVALS = ("bpd", "fid")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """One run of ``sample.py``: which model, what to draw, and what to evaluate (see its flags)."""
+
+    workdir: str | None = None
+    step: int | None = None
+    checkpoint: str | None = None
+    num_samples: int = 64
+    batch_size: int = 64
+    sampler: str = "ddpm"
+    steps: int | None = None  # None: all T for ddpm, 50 for ddim
+    spacing: str = "even"
+    eta: float = 0.0
+    seed: int = 0
+    label: int | None = None
+    guidance: float = 0.0
+    out: str | None = None
+    individual: bool = True
+    download: bool = False
+    eval: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    data_dir: str | None = None
+    features: str = "auto"
+    inception_weights: str | None = None
+    resize: str = "tf1"
+    samples: str | None = None
+
+    def __post_init__(self):
+        if (self.workdir is None) == (self.checkpoint is None):
+            raise ValueError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
+        if self.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}.")
+        if self.samples is not None and self.eval != "fid":
+            raise ValueError("--samples is the images to judge with --eval=fid; add --eval=fid.")
+        if self.eval is not None and self.eval not in EVALS:
+            raise ValueError(f"--eval must be one of {EVALS}, got {self.eval!r}.")
+
+    @property
+    def sampling_steps(self) -> int | None:
+        return self.steps if self.steps is not None else (50 if self.sampler == "ddim" else None)
+
+    @property
+    def out_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.out or os.path.join(self.workdir or ".", "samples"))
+
+
+def sample(request: SampleRequest) -> int:
+    """Run ``request``; returns the exit status (2 with the reason on stderr for a request that cannot be met)."""
+    try:
+        if request.workdir is not None:
+            pipe = pipeline.from_workdir(request.workdir, request.step)
+        else:
+            pipe = pipeline.from_diffusers(request.checkpoint, download=request.download)
+        r = request
+        pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance)
+        if request.eval == "bpd":
+            evaluate_bpd(pipe, request)
+            return 0
+        given = load_samples(request.samples) if request.samples is not None else None
+        if request.eval == "fid":
+            extractor, reference = fid_reference(pipe, request)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 2
+    drawn = given if given is not None else draw(pipe, request)
+    if request.eval == "fid":
+        report_fid(extractor, reference, drawn, request.out_dir)
+    return 0
+
+
+def draw(pipe: Pipeline, request: SampleRequest) -> np.ndarray:
+    """``num_samples`` images with a progress bar and a summary line; written under ``out`` unless evaluating."""
+    mesh = parallel.make_mesh()
+    batch = parallel.round_up_batch(min(request.batch_size, request.num_samples), mesh)
+    r = request
+    run = pipeline.make_sampler(pipe, r.sampler, r.sampling_steps, r.eta, r.spacing, r.guidance, mesh=mesh)
+    log(
+        f"Sampling {r.num_samples} images from {pipe.source}: {r.sampler}, {r.sampling_steps or pipe.num_timesteps} "
+        f"steps, batch {batch} over {mesh.devices.size} device(s)."
+    )
+    progress = Progress(r.num_samples, "image")
+    start = time.perf_counter()
+    drawn = pipeline.generate(pipe, run, r.num_samples, batch, r.seed, r.label, progress)
+    total = time.perf_counter() - start
+    progress.close()
+    rate = f"{len(drawn) / total:.2f} images/s overall"
+    after_first = progress.rate_after_first(batch)  # the first batch includes the compile
+    if after_first is not None:
+        rate += f", {after_first:.2f} images/s after the first batch"
+    if r.eval is None and is_main_process():
+        paths = images.write_samples(drawn, r.out_dir, individual=r.individual)
+        size = "x".join(map(str, drawn.shape[1:]))
+        log(
+            f"Wrote {len(drawn)} images {size} to {r.out_dir} ({paths['grid']}, {paths['npz']}) in {total:.1f} s "
+            f"(the first batch includes the compile): {rate}."
+        )
+    else:
+        log(f"Sampled {len(drawn)} images in {total:.1f} s: {rate}.")
+    return drawn
+
+
+def data_for(pipe: Pipeline, request: SampleRequest, split: str) -> DataConfig:
+    """The dataset to evaluate on: the one the model was trained on, or ``--dataset/--split/--data_dir``."""
+    if pipe.data is None and request.dataset is None:
+        raise ValueError(f"{pipe.source} does not say what it was trained on: pass --dataset (e.g. cifar10).")
+    data = pipe.data or DataConfig(dataset=request.dataset, image_size=pipe.image_shape[0])
+    return dataclasses.replace(
+        data,
+        dataset=request.dataset or data.dataset,
+        split=split,
+        data_dir=request.data_dir or data.data_dir,
+        download=request.download or data.download,
+        random_flip=False,
+    )
+
+
+def evaluate_bpd(pipe: Pipeline, request: SampleRequest) -> None:
+    """The variational bound over a whole split in bits/dim: printed, and written to ``<out>/bpd.json``."""
+    data = data_for(pipe, request, request.split or (pipe.data.eval_split if pipe.data else "test"))
+    split_images, labels = load_split(data)
+    evaluation.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
+    labels = labels if pipe.num_classes is not None else None
+    mesh = parallel.make_mesh()
+    batch = parallel.round_up_batch(min(request.batch_size, len(split_images)), mesh)
+    log(
+        f"Bits/dim of {pipe.source} over {data.dataset} {data.split}: {len(split_images)} images x "
+        f"{pipe.num_timesteps} timesteps, batch {batch} over {mesh.devices.size} device(s)."
+    )
+    progress = Progress(len(split_images), "image")
+    start = time.perf_counter()
+    bound_fn = pipeline.make_bound_fn(pipe, mesh=mesh)
+    key = jax.random.key(request.seed)
+    result = evaluation.bound_over_split(bound_fn, pipe.params, split_images, key, batch, labels, mesh, progress)
+    seconds = time.perf_counter() - start
+    progress.close()
+    if is_main_process():
+        path = result.write_json(
+            request.out_dir / "bpd.json",
+            model=pipe.source,
+            dataset=data.dataset,
+            split=data.split,
+            seed=request.seed,
+            seconds=seconds,
+        )
+        log(
+            f"bits/dim {result.total:.4f} +- {result.total_stderr:.4f} (prior {result.prior:.2e}, denoising "
+            f"{result.denoising:.4f}, reconstruction {result.reconstruction:.4f}) over {result.num_examples} images "
+            f"in {seconds:.0f} s ({result.num_examples / seconds:.2f} images/s); per-t curve in {path}."
+        )
+
+
+def fid_reference(pipe: Pipeline, request: SampleRequest):
+    """The feature extractor and the cached statistics of the reference split (default: train)."""
+    data = data_for(pipe, request, request.split or "train")
+    extractor = features.make_extractor(
+        request.features, data, request.inception_weights, request.download, request.resize, request.batch_size
+    )
+    return extractor, evaluation.reference_stats(extractor, data, log=log)
+
+
+def load_samples(path: str | os.PathLike) -> np.ndarray:
+    """The uint8 images ``arr_0`` of an .npz file (what sample.py writes, and what FID tools read)."""
+    try:
+        with np.load(path) as f:
+            loaded = f["arr_0"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not an .npz file with uint8 images under arr_0 ({e}).") from e
+    if loaded.dtype != np.uint8 or loaded.ndim != 4:
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {loaded.dtype} {loaded.shape}.")
+    return loaded
+
+
+def report_fid(extractor, reference, judged: np.ndarray, out: pathlib.Path) -> None:
+    """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``."""
+    result = evaluation.sample_quality(extractor, judged, reference)
+    result.update(features=extractor.name, reference_num=reference.num)
+    if is_main_process():
+        path = out / "fid.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        score = f", score {result['score']:.3f}" if "score" in result else ""
+        log(
+            f"FID {result['fid']:.4f}{score} ({extractor.name} features, {len(judged)} samples against "
+            f"{reference.num} reference images); written to {path}."
+        )

@@ -1,0 +1,383 @@
+"""The Pipeline: a trained (or imported) model ready to sample and to judge, and the one way to do each.
+
+A :class:`Pipeline` bundles what sampling and evaluation need, and nothing of Flax: a plain
+``apply_fn(params, x_t, timesteps, labels) -> output``, the parameters, the betas of the chain it was trained on (its
+:class:`~jaxdiff.schedules.Schedule` and any respaced one follow from them), the prediction, the variance, ``clip_x0``,
+the image shape, the classes and the null class, and where it came from.
+
+It is built in one place from each source:
+
+* :func:`from_spec` -- a :class:`ModelSpec` (network, diffusion, clip, data) and parameters: a training run's, in
+  memory;
+* :func:`from_workdir` -- the newest readable checkpoint of a run (its stored spec and EMA parameters);
+* :func:`from_diffusers` -- a diffusers UNet2DModel folder or hub id with its scheduler config.
+
+Training-time grids, bits/dim and FID, ``sample.py`` and the notebooks all go through the same functions:
+:func:`make_sampler` + :func:`generate` for images (batch i drawn from ``fold_in(key(seed), i)``, split over the
+devices), and :func:`make_bound_fn` for the variational bound (with each image's own label for a conditional model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxdiff import checkpoints, diffusion, images, parallel, samplers
+from jaxdiff.data import DataConfig
+from jaxdiff.diffusion import ModelFn
+from jaxdiff.models.unet import UNetConfig, init_params, make_apply
+from jaxdiff.schedules import Schedule, beta_schedule
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array, "jax.Array | None"], jax.Array]
+T_SAMPLINGS = ("uniform", "importance")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process a network is trained on and what it learns (``config.diffusion``, field for field).
+
+    ``beta_schedule``/``num_timesteps``/``beta_start``/``beta_end`` give the betas (the cosine schedule ignores the
+    range). ``loss_type``/``prediction``/``variance``/``weighting``/``snr_gamma``/``vb_weight`` are those of
+    :func:`jaxdiff.diffusion.training_losses`. ``t_sampling='importance'`` draws t with probability proportional to
+    sqrt(E[L_t^2]) over the last 10 losses at each t (Nichol & Dhariwal 2021, for training on the bound).
+    ``label_dropout`` replaces a label by the null class with that probability (for classifier-free guidance).
+    """
+
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    loss_type: str = "simple"
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    weighting: str = "none"
+    snr_gamma: float = 5.0
+    vb_weight: float = 0.001
+    t_sampling: str = "uniform"
+    label_dropout: float = 0.0
+
+    def __post_init__(self):
+        diffusion.check_objective(self.loss_type, self.prediction, self.variance, self.weighting)
+        diffusion.check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
+
+    def betas(self) -> np.ndarray:
+        """float64 ``[T]``."""
+        return beta_schedule(self.beta_schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end)
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`jaxdiff.diffusion.diffusion_loss` for this objective."""
+        names = ("loss_type", "prediction", "variance", "weighting", "snr_gamma", "vb_weight")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a trained network is: its architecture, the diffusion it learned, the sampling clip, the data it saw.
+
+    A checkpoint stores it (as JSON), so that a workdir alone gives a :class:`Pipeline`.
+    """
+
+    network: UNetConfig
+    diffusion: DiffusionConfig
+    clip_x0: bool = True
+    data: DataConfig | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, spec: dict) -> ModelSpec:
+        data = spec.get("data")
+        return cls(
+            network=UNetConfig(**spec["network"]),
+            diffusion=DiffusionConfig(**spec["diffusion"]),
+            clip_x0=bool(spec.get("clip_x0", True)),
+            data=DataConfig(**data) if data is not None else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """A network with its parameters and the diffusion it was trained with: everything to sample and to judge it.
+
+    Attributes:
+      apply_fn: ``apply_fn(params, x_t [B, H, W, C], timesteps [B] int32, labels [B] int32 or None) -> output``
+        (``[B, H, W, C]``, or ``2C`` channels for a learned variance). Any network: Flax, Equinox, a closed form.
+      params: its parameters (the EMA ones for a training run).
+      betas: float64 ``[T]``, the chain it was trained on.
+      prediction, variance, clip_x0: how its output is read (see :func:`jaxdiff.diffusion.p_mean_variance`).
+      image_shape: ``(H, W, C)``.
+      num_classes: for a class-conditional network (labels in ``[0, num_classes)``), else None.
+      null_class: the label that means "no class" (unconditional; classifier-free guidance's second branch); jaxdiff's
+        UNet uses ``num_classes``, the default.
+      source: where it came from, for messages.
+      data: the dataset it was trained on (None for an imported model): the default for evaluation.
+      schedule: the full chain (T steps), computed from ``betas``: what training and the bound use.
+    """
+
+    apply_fn: ApplyFn
+    params: Any
+    betas: np.ndarray
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    clip_x0: bool = True
+    image_shape: tuple[int, int, int] = (32, 32, 3)
+    num_classes: int | None = None
+    null_class: int | None = None
+    source: str = ""
+    data: DataConfig | None = None
+    schedule: Schedule = dataclasses.field(init=False, repr=False)  # the full chain (T steps), from the betas
+
+    def __post_init__(self):
+        diffusion.check_choice("prediction", self.prediction, diffusion.PREDICTIONS)
+        diffusion.check_choice("variance", self.variance, diffusion.VARIANCES)
+        object.__setattr__(self, "betas", np.asarray(self.betas, np.float64))
+        object.__setattr__(self, "image_shape", tuple(self.image_shape))
+        if self.num_classes is not None and self.null_class is None:
+            object.__setattr__(self, "null_class", self.num_classes)
+        # Built here, outside any trace, so that jitted functions closing over the pipeline see concrete arrays.
+        object.__setattr__(self, "schedule", Schedule.from_betas(self.betas))
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    def sampling_schedule(self, steps: int | None = None, spacing: str = "even") -> Schedule:
+        """The chain respaced to ``steps`` (None: all T), abar kept at the kept steps
+        (:func:`jaxdiff.samplers.respaced`).
+
+        Raises:
+          ValueError: ``steps`` outside [1, T], or an unknown spacing.
+        """
+        return samplers.respaced(self.betas, steps, spacing)
+
+    def with_params(self, params) -> Pipeline:
+        """The same pipeline with other parameters (e.g. the EMA parameters at a later step)."""
+        return dataclasses.replace(self, params=params)
+
+    def model_fn(self, params, labels: jax.Array | None = None, guidance: float = 0.0) -> ModelFn:
+        """``model_fn(x_t, timesteps)`` for the samplers and the bound: the network at ``params`` with ``labels``,
+        guided with scale ``guidance`` (classifier-free guidance; 0 is the plain conditional model)."""
+        if self.num_classes is not None and guidance != 0:
+            apply = lambda x, t, y: self.apply_fn(params, x, t, y)
+            return samplers.guided(apply, labels, self.null_class, guidance, variance=self.variance)
+        return lambda x, t: self.apply_fn(params, x, t, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building one: from a spec, a workdir, a diffusers folder
+
+
+def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
+    """The pipeline of jaxdiff's UNet described by ``spec``, at ``params``: the one place a UNet becomes one."""
+    net = spec.network
+    apply = make_apply(net)
+    return Pipeline(
+        apply_fn=lambda p, x, t, labels: apply(p, x, t, labels),
+        params=params,
+        betas=spec.diffusion.betas(),
+        prediction=spec.diffusion.prediction,
+        variance=spec.diffusion.variance,
+        clip_x0=spec.clip_x0,
+        image_shape=(net.image_size, net.image_size, net.in_channels),
+        num_classes=net.num_classes,
+        source=source,
+        data=spec.data,
+    )
+
+
+def abstract_params(network: UNetConfig):
+    """The shapes and dtypes of ``network``'s parameters (nothing computed)."""
+    return jax.eval_shape(lambda: init_params(network, jax.random.key(0)))
+
+
+def from_workdir(workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
+    """The EMA parameters and the spec of the newest readable checkpoint of a training run (or of ``step``).
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint (or not ``step``).
+      RuntimeError: no checkpoint can be read.
+    """
+    ckpt = checkpoints.load_for_sampling(workdir, step, lambda spec: abstract_params(ModelSpec.from_json(spec).network))
+    return from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
+
+
+# diffusers' scheduler names -> jaxdiff's
+_DIFFUSERS_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+_DIFFUSERS_VARIANCES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
+
+
+def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
+    """An imported DDPM model (a diffusers UNet2DModel folder or pipeline folder) and its scheduler settings.
+
+    ``path`` is a local folder or, with ``download=True``, a Hugging Face repo id such as ``google/ddpm-cifar10-32``
+    (its UNet and scheduler config are fetched once and cached by ``huggingface_hub``).
+
+    The diffusion settings come from ``scheduler_config.json`` (beside the weights or in ``scheduler/``); without
+    one, DDPM's: linear betas 1e-4 .. 0.02 over 1000 steps, eps prediction, fixed_large variance, clipping.
+    """
+    from jaxdiff.models.convert import diffusers_folder, load_diffusers_unet
+
+    folder = diffusers_folder(path, download)  # a download brings the scheduler config too
+    params, network = load_diffusers_unet(folder)
+    settings = {}
+    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            settings = json.loads(candidate.read_text())
+            break
+    name = settings.get("beta_schedule", "linear")
+    if name not in _DIFFUSERS_SCHEDULES:
+        raise ValueError(f"The scheduler's beta_schedule {name!r} is not supported; supported: {_DIFFUSERS_SCHEDULES}.")
+    process = DiffusionConfig(
+        num_timesteps=int(settings.get("num_train_timesteps", 1000)),
+        beta_schedule=_DIFFUSERS_SCHEDULES[name],
+        beta_start=settings.get("beta_start", 1e-4),
+        beta_end=settings.get("beta_end", 0.02),
+        prediction=_DIFFUSERS_PREDICTIONS[settings.get("prediction_type", "epsilon")],
+        variance=_DIFFUSERS_VARIANCES.get(settings.get("variance_type", "fixed_large"), "fixed_large"),
+    )
+    spec = ModelSpec(network, process, clip_x0=bool(settings.get("clip_sample", True)))
+    return from_spec(spec, params, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def check_request(pipe: Pipeline, sampler: str, steps: int | None, eta: float, label: int | None, guidance: float):
+    """Clear errors for what cannot be sampled, before anything compiles."""
+    diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
+    pipe.sampling_schedule(steps)  # steps in [1, T]
+    samplers.check_eta(eta)
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for DDPM.")
+    classes = pipe.num_classes
+    if classes is None and (label is not None or guidance != 0):
+        raise ValueError(
+            f"The model from {pipe.source} is unconditional: it takes no --label and no --guidance. Train with "
+            "config.data.class_conditional=True (and label_dropout > 0 for guidance) for a class-conditional model."
+        )
+    if label is not None and not 0 <= label < classes:
+        raise ValueError(f"label must lie in [0, {classes - 1}] for this model with {classes} classes, got {label}.")
+
+
+def make_sampler(
+    pipe: Pipeline,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = "even",
+    guidance: float = 0.0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable[[Any, jax.Array, jax.Array | None, int], jax.Array]:
+    """A compiled ``(params, key, labels, batch) -> images in [-1, 1]`` with the batch split over ``mesh``'s devices.
+
+    ``labels`` is ``[batch]`` int32 for a class-conditional model, or None. ``steps``: the respaced schedule's length
+    (None: all T). Each batch size compiles once.
+    """
+    diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
+    schedule = pipe.sampling_schedule(steps, spacing)
+    conditional = pipe.num_classes is not None
+    mesh = mesh or parallel.make_mesh()
+    kwargs = {"prediction": pipe.prediction, "variance": pipe.variance, "clip_x0": pipe.clip_x0}
+
+    def sample(params, key, labels, shape):
+        model_fn = pipe.model_fn(params, labels, guidance)
+        if sampler == "ddim":
+            return samplers.ddim_sample(schedule, model_fn, shape, key, eta=eta, **kwargs)
+        return samplers.ddpm_sample(schedule, model_fn, shape, key, **kwargs)
+
+    compiled = {}
+
+    def run(params, key, labels, batch):
+        if batch not in compiled:
+            shape = (batch, *pipe.image_shape)
+            fn = lambda p, k, y: sample(p, k, y, shape)
+            compiled[batch] = parallel.jit_batched(fn, mesh, (False, False, conditional))
+        return compiled[batch](params, key, labels if conditional else None)
+
+    return run
+
+
+def labels_for(num_samples: int, num_classes: int | None, label: int | None) -> np.ndarray | None:
+    """Every sample's label: ``label`` for all, or the classes in turn (0, 1, ..., C-1, 0, ...); None if no classes."""
+    if num_classes is None:
+        return None
+    if label is not None:
+        return np.full((num_samples,), label, np.int32)
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def generate(
+    pipe: Pipeline,
+    run: Callable,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    label: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """``num_samples`` uint8 images ``[N, H, W, C]`` of ``pipe.params``: batch i drawn with ``fold_in(key(seed), i)``.
+
+    A class-conditional model draws ``label``, or the classes in turn. The last batch is drawn whole and cut, so every
+    batch has the same shape (one compile).
+    """
+    devices = jax.device_count()
+    if batch_size < 1 or batch_size % devices:
+        raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")
+    labels = labels_for(-(-num_samples // batch_size) * batch_size, pipe.num_classes, label)
+    key = jax.random.key(seed)
+    out = []
+    for i, start in enumerate(range(0, num_samples, batch_size)):
+        batch_labels = None if labels is None else jnp.asarray(labels[start : start + batch_size])
+        drawn = images.to_uint8(run(pipe.params, jax.random.fold_in(key, i), batch_labels, batch_size))
+        out.append(np.asarray(multihost_utils.process_allgather(drawn, tiled=True)))
+        if progress is not None:
+            progress(min(batch_size, num_samples - start))
+    return np.concatenate(out)[:num_samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The variational bound
+
+
+def make_bound_fn(
+    pipe: Pipeline, chunk_size: int = 32, clip_x0: bool = False, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
+    """A jitted ``(params, images uint8 [B, H, W, C], keys [B], labels [B] or None) -> VariationalBound`` (bits/dim)
+    with the batch split over ``mesh``'s ``data`` axis. A class-conditional network is given each image's own label.
+
+    Image b's noise comes from ``keys[b]`` alone (see :func:`jaxdiff.diffusion.variational_bound`). The bound reads
+    the network's x_0 unclipped by default (``clip_x0``), whatever the pipeline samples with.
+    """
+    mesh = mesh or parallel.make_mesh()
+
+    def bound(params, batch, keys, labels):
+        def model_fn(x, t):  # called on chunks of timesteps stacked along the batch
+            y = None if labels is None else jnp.tile(labels, x.shape[0] // labels.shape[0])
+            return pipe.apply_fn(params, x, t, y)
+
+        x0 = images.from_uint8(batch)
+        return diffusion.variational_bound(
+            pipe.schedule,
+            model_fn,
+            x0,
+            keys,
+            prediction=pipe.prediction,
+            variance=pipe.variance,
+            clip_x0=clip_x0,
+            chunk_size=chunk_size,
+        )
+
+    return parallel.jit_batched(bound, mesh, (False, True, True, True))
