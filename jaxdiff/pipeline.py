@@ -181,9 +181,8 @@ class Pipeline:
 def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
     """The pipeline of jaxdiff's UNet described by ``spec``, at ``params``: the one place a UNet becomes one."""
     net = spec.network
-    apply = make_apply(net)
     return Pipeline(
-        apply_fn=lambda p, x, t, labels: apply(p, x, t, labels),
+        apply_fn=make_apply(net),
         params=params,
         betas=spec.diffusion.betas(),
         prediction=spec.diffusion.prediction,
