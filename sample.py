@@ -33,9 +33,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_samples", 64, "How many images.")
 flags.DEFINE_integer("batch_size", 64, "Images per compiled batch (rounded up to a multiple of the device count).")
-flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "Ancestral DDPM or DDIM.")
-flags.DEFINE_integer("steps", None, "Sampling steps (a respaced schedule); default: all T for ddpm, 50 for ddim.")
-flags.DEFINE_enum("spacing", "even", ["even", "quadratic"], "How respaced steps are spread over [0, T).")
+flags.DEFINE_enum(
+    "sampler", "ddpm", ["ddpm", "ddim", "dpm++2m", "dpm++3m", "heun"], "Ancestral DDPM, DDIM, or an ODE solver."
+)
+flags.DEFINE_integer("steps", None, "Sampling steps; default: all T for ddpm, 50 for ddim, 20 for the ODE solvers.")
+flags.DEFINE_enum(
+    "spacing", None, ["even", "quadratic", "logsnr", "karras"], "How the steps are spread (default: the sampler's)."
+)
 flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the DDPM posterior variance.")
 flags.DEFINE_integer("seed", 0, "Batch i is drawn from fold_in(PRNGKey(seed), i); --eval=bpd: image i's key.")
 flags.DEFINE_integer("label", None, "Class-conditional models: the class of every image (default: classes in turn).")

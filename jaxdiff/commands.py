@@ -36,8 +36,8 @@ class SampleRequest:
     num_samples: int = 64
     batch_size: int = 64
     sampler: str = "ddpm"
-    steps: int | None = None  # None: all T for ddpm, 50 for ddim
-    spacing: str = "even"
+    steps: int | None = None  # None: all T for ddpm, 50 for ddim, 20 for the ODE solvers
+    spacing: str | None = None  # None: the sampler's own grid
     eta: float = 0.0
     seed: int = 0
     label: int | None = None
@@ -66,7 +66,9 @@ class SampleRequest:
 
     @property
     def sampling_steps(self) -> int | None:
-        return self.steps if self.steps is not None else (50 if self.sampler == "ddim" else None)
+        if self.steps is not None:
+            return self.steps
+        return {"ddpm": None, "ddim": 50}.get(self.sampler, 20)
 
     @property
     def out_dir(self) -> pathlib.Path:

@@ -259,8 +259,8 @@ def check_request(pipe: Pipeline, sampler: str, steps: int | None, eta: float, l
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     pipe.sampling_schedule(steps)  # steps in [1, T]
     samplers.check_eta(eta)
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for DDPM.")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for {sampler}.")
     classes = pipe.num_classes
     if classes is None and (label is not None or guidance != 0):
         raise ValueError(
@@ -276,17 +276,18 @@ def make_sampler(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    spacing: str = "even",
+    spacing: str | None = None,
     guidance: float = 0.0,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[Any, jax.Array, jax.Array | None, int], jax.Array]:
     """A compiled ``(params, key, labels, batch) -> images in [-1, 1]`` with the batch split over ``mesh``'s devices.
 
-    ``labels`` is ``[batch]`` int32 for a class-conditional model, or None. ``steps``: the respaced schedule's length
-    (None: all T). Each batch size compiles once.
+    ``sampler``: ``ddpm``, ``ddim`` (with ``eta``), ``dpm++2m``, ``dpm++3m`` or ``heun``. ``labels`` is ``[batch]``
+    int32 for a class-conditional model, or None. ``steps``: the respaced schedule's length (None: all T), spread by
+    ``spacing`` (None: the sampler's own grid, ``samplers.DEFAULT_SPACINGS``). Each batch size compiles once.
     """
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
-    schedule = pipe.sampling_schedule(steps, spacing)
+    schedule = pipe.sampling_schedule(steps, spacing or samplers.DEFAULT_SPACINGS[sampler])
     conditional = pipe.num_classes is not None
     mesh = mesh or parallel.make_mesh()
     kwargs = {"prediction": pipe.prediction, "variance": pipe.variance, "clip_x0": pipe.clip_x0}
@@ -295,6 +296,12 @@ def make_sampler(
         model_fn = pipe.model_fn(params, labels, guidance)
         if sampler == "ddim":
             return samplers.ddim_sample(schedule, model_fn, shape, key, eta=eta, **kwargs)
+        if sampler in ("dpm++2m", "dpm++3m"):
+            return samplers.dpm_solver_sample(
+                schedule, model_fn, shape, key, order={"dpm++2m": 2, "dpm++3m": 3}[sampler], **kwargs
+            )
+        if sampler == "heun":
+            return samplers.heun_sample(schedule, model_fn, shape, key, **kwargs)
         return samplers.ddpm_sample(schedule, model_fn, shape, key, **kwargs)
 
     compiled = {}

@@ -28,6 +28,8 @@ BETA_SCHEDULES = (
 )
 
 SPACINGS = ("even", "quadratic")
+SNR_SPACINGS = ("logsnr", "karras")  # spacings that need the betas (see snr_spaced_timesteps)
+KARRAS_RHO = 7.0
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:
@@ -244,18 +246,47 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -
             f"num_steps must be an int in [1, {num_timesteps}] (the chain has T = {num_timesteps}), got {num_steps!r}."
         )
     if spacing == "even":
-        kept = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
-    elif spacing == "quadratic":
-        kept = np.round(np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2).astype(np.int64)
-        # Rounding can merge neighbours near 0; shift duplicates up so that num_steps distinct steps remain.
-        for i in range(1, num_steps):
-            kept[i] = max(kept[i], kept[i - 1] + 1)
-        overflow = kept[-1] - (num_timesteps - 1)
-        if overflow > 0:  # only when num_steps is close to T; fall back to keeping the tail contiguous
-            kept = np.minimum(kept, np.arange(num_timesteps - num_steps, num_timesteps))
-    else:
-        raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+        return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+    if spacing == "quadratic":
+        return _distinct(np.round(np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2), num_timesteps)
+    raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + SNR_SPACINGS)}.")
+
+
+def _distinct(kept: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """Sorted timesteps made distinct: rounding can merge neighbours near 0, so duplicates are shifted up (and, only
+    when nearly every step is kept, the tail is kept contiguous)."""
+    kept = np.sort(kept.astype(np.int64))
+    for i in range(1, len(kept)):
+        kept[i] = max(kept[i], kept[i - 1] + 1)
+    if kept[-1] > num_timesteps - 1:
+        kept = np.minimum(kept, np.arange(num_timesteps - len(kept), num_timesteps))
     return kept
+
+
+def snr_spaced_timesteps(betas: np.ndarray, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
+    """``num_steps`` distinct timesteps (sorted, 0 and T - 1 kept) spread by the noise level rather than by t.
+
+    Args:
+      betas: the chain's betas, float64 ``[T]``.
+      spacing: ``logsnr`` (evenly spaced in lambda = log(alpha / sigma), DPM-Solver's default grid) or ``karras``
+        (Karras et al. 2022: sigma = sqrt((1 - abar) / abar) spaced as ``sigma_i^(1/rho)`` linear, rho = 7). Each
+        target level is rounded to the timestep nearest to it in log sigma; merged neighbours are shifted up.
+    """
+    betas = np.asarray(betas, np.float64)
+    T = len(betas)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an int in [1, {T}] (the chain has T = {T}), got {num_steps!r}.")
+    abar = np.cumprod(1.0 - betas)
+    log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))  # -lambda, increasing in t
+    if spacing == "logsnr":
+        targets = np.linspace(log_sigma[0], log_sigma[-1], num_steps)
+    elif spacing == "karras":
+        lo, hi = np.exp(log_sigma[0]) ** (1 / KARRAS_RHO), np.exp(log_sigma[-1]) ** (1 / KARRAS_RHO)
+        targets = KARRAS_RHO * np.log(np.linspace(lo, hi, num_steps))
+    else:
+        raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SNR_SPACINGS)}.")
+    nearest = np.abs(log_sigma[None, :] - targets[:, None]).argmin(axis=1)
+    return _distinct(nearest, T)
 
 
 def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -> Schedule:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import pipeline, samplers
-from jaxdiff.schedules import beta_schedule, make_schedule
+from jaxdiff.schedules import beta_schedule, make_schedule, snr_spaced_timesteps
 from tests.helpers import ROOT, fake_run
 
 T = 1000
@@ -212,6 +212,85 @@ def test_bad_input():
     np.testing.assert_allclose(beta_schedule("linear", T)[[0, -1]], [1e-4, 0.02])
 
 
+# ------------------------------------------------------------------------------- the probability-flow ODE solvers
+
+
+def ode_endpoint(x_T):
+    """The closed form of the probability-flow ODE for the Gaussian data: z = (x_t - sqrt(a) m) / sqrt(a v + 1 - a)
+    is constant along it, so from x_T at t = T - 1 it reaches x at t = 0, and the last step returns E[x_0 | x]."""
+    abar = np.cumprod(1.0 - beta_schedule("linear", T))
+    a_T, a_0 = abar[-1], abar[0]
+    z = (np.asarray(x_T, np.float64) - np.sqrt(a_T) * DATA_MEAN) / np.sqrt(a_T * DATA_VAR + 1 - a_T)
+    return DATA_MEAN + np.sqrt(a_0) * DATA_VAR * z / np.sqrt(a_0 * DATA_VAR + 1 - a_0)
+
+
+def ode_error(sampler, steps, spacing="logsnr", prediction="eps", x_T=None):
+    """The largest distance of the sampler's x_0 from :func:`ode_endpoint`, over 64 draws of x_T."""
+    x_T = jax.random.normal(jax.random.key(5), (64, *SHAPE)) if x_T is None else x_T
+    schedule = samplers.respaced(beta_schedule("linear", T), steps, spacing)
+    kwargs = dict(x_T=x_T, prediction=prediction)
+    run = {
+        "dpm++2m": lambda: samplers.dpm_solver_sample(
+            schedule, optimal_output(prediction), x_T.shape, KEY, order=2, **kwargs
+        ),
+        "dpm++3m": lambda: samplers.dpm_solver_sample(
+            schedule, optimal_output(prediction), x_T.shape, KEY, order=3, **kwargs
+        ),
+        "heun": lambda: samplers.heun_sample(schedule, optimal_output(prediction), x_T.shape, KEY, **kwargs),
+        "ddim": lambda: samplers.ddim_sample(
+            schedule, optimal_output(prediction), x_T.shape, KEY, clip_x0=False, **kwargs
+        ),
+    }[sampler]
+    return float(np.abs(np.asarray(jax.jit(run)(), np.float64) - ode_endpoint(x_T)).max())
+
+
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "min_slope", "max_slope"),
+    [
+        ("ddim", (20, 40, 80, 160), 0.8, 1.2),  # first order: the control
+        ("dpm++2m", (20, 40, 80, 160), 1.8, 2.6),
+        ("heun", (20, 40, 80, 160), 1.8, 2.6),
+        ("dpm++3m", (10, 20, 40, 80), 2.7, 5.0),
+    ],
+)
+def test_ode_solvers_converge_to_the_closed_form_at_their_order(sampler, steps, min_slope, max_slope):
+    errors = [ode_error(sampler, n) for n in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert min_slope <= slope <= max_slope, (errors, slope)
+    assert errors[-1] < (0.06 if sampler == "ddim" else 5e-3), errors
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_ode_solvers_serve_every_prediction(prediction):
+    for sampler in ("dpm++2m", "heun"):
+        assert ode_error(sampler, 40, prediction=prediction) == pytest.approx(ode_error(sampler, 40), abs=2e-4)
+
+
+def test_snr_spacings_are_distinct_sorted_and_spread_by_noise_level():
+    betas = beta_schedule("linear", T)
+    log_sigma = 0.5 * (np.log1p(-np.cumprod(1 - betas)) - np.log(np.cumprod(1 - betas)))
+    for spacing in ("logsnr", "karras"):
+        for n in (2, 10, 50, 1000):
+            kept = snr_spaced_timesteps(betas, n, spacing)
+            assert len(kept) == n and kept[0] == 0 and kept[-1] == T - 1 and np.all(np.diff(kept) > 0)
+    gaps = np.diff(log_sigma[snr_spaced_timesteps(betas, 10, "logsnr")])
+    np.testing.assert_allclose(gaps, gaps.mean(), rtol=0.25)  # evenly spaced in log-SNR, up to rounding to steps
+    with pytest.raises(ValueError, match="Unknown spacing"):
+        samplers.respaced(betas, 10, "cosine")
+
+
+def test_dynamic_thresholding_leaves_images_in_range_alone_and_rescales_the_rest():
+    x = jnp.stack([jnp.linspace(-0.9, 0.9, 16).reshape(4, 4, 1), jnp.linspace(-3.0, 3.0, 16).reshape(4, 4, 1)])
+    out = samplers.dynamic_threshold(x, 0.9)
+    np.testing.assert_allclose(out[0], x[0])  # s = max(1, quantile) = 1: unchanged
+    s = float(jnp.quantile(jnp.abs(x[1]), 0.9))
+    np.testing.assert_allclose(out[1], jnp.clip(x[1], -s, s) / s, rtol=1e-6)
+    assert float(jnp.abs(out).max()) <= 1.0
+
+
 # ----------------------------------------------------------------------------------- sample.py and many devices
 
 
@@ -263,6 +342,8 @@ def test_bad_sampling_requests_fail_before_any_compile(tmp_path):
         pipeline.check_request(model, "ddim", 10, 0.0, None, 2.0)
     with pytest.raises(ValueError, match="Unknown sampler"):
         pipeline.check_request(model, "dpm", 10, 0.0, None, 0.0)
+    with pytest.raises(ValueError, match="eta is a DDIM setting"):
+        pipeline.check_request(model, "heun", 10, 0.5, None, 0.0)
     conditional = dataclasses.replace(model, num_classes=10)
     with pytest.raises(ValueError, match=r"label must lie in \[0, 9\]"):
         pipeline.check_request(conditional, "ddpm", None, 0.0, 10, 1.0)
@@ -300,3 +381,19 @@ def test_the_same_key_gives_the_same_images_on_one_and_eight_devices(tmp_path, s
     images = np.load(out)
     assert images["one"].std() > 0.1  # 16 different images
     np.testing.assert_allclose(images["eight"], images["one"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_pipeline_runs_the_ode_solvers_on_their_own_grids(tmp_path):
+    fake_run(tmp_path)
+    pipe = pipeline.from_workdir(tmp_path)
+    key = jax.random.key(3)
+    x_T = jax.random.normal(jax.random.fold_in(key, 6), (4, *pipe.image_shape))  # a 6-step chain draws x_T at 6
+    for sampler, direct in (
+        ("dpm++3m", lambda s, f: samplers.dpm_solver_sample(s, f, x_T.shape, key, order=3, x_T=x_T, clip_x0=True)),
+        ("heun", lambda s, f: samplers.heun_sample(s, f, x_T.shape, key, x_T=x_T, clip_x0=True)),
+    ):
+        images = pipeline.make_sampler(pipe, sampler, 6)(pipe.params, key, None, 4)
+        schedule = pipe.sampling_schedule(6, samplers.DEFAULT_SPACINGS[sampler])
+        want = jax.jit(lambda p, s=schedule, d=direct: d(s, pipe.model_fn(p)))(pipe.params)
+        np.testing.assert_allclose(images, want, atol=1e-5)
+        assert float(jnp.abs(images).max()) <= 1.0 + 1e-6  # the last step returns the clipped x_0
