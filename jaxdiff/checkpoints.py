@@ -171,11 +171,13 @@ def _reader(workdir):
 
 def _read_spec(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
     """(config, spec) of checkpoint ``step``; a jaxdiff 0.1 checkpoint's spec is put together from its config."""
-    config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    if (mngr.directory / str(step) / "spec").exists():
-        return config, mngr.restore(step, args=ocp.args.Composite(spec=ocp.args.JsonRestore()))["spec"]
-    network = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
-    spec = {"network": network, "diffusion": config["diffusion"], "clip_x0": config["sampling"]["clip_x0"]}
+    described_by = "spec" if (mngr.directory / str(step) / "spec").exists() else "model"
+    items = ocp.args.Composite(**{"config": ocp.args.JsonRestore(), described_by: ocp.args.JsonRestore()})
+    meta = mngr.restore(step, args=items)
+    config = meta["config"]
+    if described_by == "spec":
+        return config, meta["spec"]
+    spec = {"network": meta["model"], "diffusion": config["diffusion"], "clip_x0": config["sampling"]["clip_x0"]}
     return config, {**spec, "data": config["data"]}
 
 

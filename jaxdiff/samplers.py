@@ -190,12 +190,22 @@ def _scan_steps(step_fn, x_init, ts, trajectory_every: int | None):
     return x, Trajectory(xs, preds, last_ts)
 
 
+def _starting_noise(key: jax.Array, shape: tuple[int, ...], T: int, x_T: jax.Array | None) -> jax.Array:
+    """x_T as given, else ``normal(fold_in(key, T))``: every sampler starts from the same noise for the same key."""
+    return jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+
+
+def _downwards(T: int) -> jax.Array:
+    """The step indices T - 1, ..., 0 that a sampler scans over."""
+    return jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
+
+
 def _sample_down(step, key, shape, T, x_T, trajectory_every):
     """``step(x_t, t, key_t)`` from x_T (given, or ``normal(fold_in(key, T))``) through t = T-1, ..., 0, with
     ``key_t = fold_in(key, t)``."""
-    x_T = jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+    x_T = _starting_noise(key, shape, T, x_T)
     keyed = lambda x, t: step(x, t, jax.random.fold_in(key, t))
-    x, traj = _scan_steps(keyed, x_T, jnp.arange(T - 1, -1, -1, dtype=jnp.int32), trajectory_every)
+    x, traj = _scan_steps(keyed, x_T, _downwards(T), trajectory_every)
     return x if trajectory_every is None else (x, traj)
 
 
@@ -350,7 +360,7 @@ def dpm_solver_sample(
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}.")
     T = schedule.num_timesteps
-    x_T = jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+    x_T = _starting_noise(key, shape, T, x_T)
     log_alpha = lambda abar: 0.5 * jnp.log(abar)
     log_sigma = lambda abar: 0.5 * jnp.log1p(-abar)
 
@@ -375,7 +385,7 @@ def dpm_solver_sample(
 
     zeros = jnp.zeros_like(x_T)
     init = (x_T, zeros, zeros, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
-    (x, *_), _ = jax.lax.scan(step, init, jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
+    (x, *_), _ = jax.lax.scan(step, init, _downwards(T))
     return x
 
 
@@ -398,7 +408,7 @@ def heun_sample(
     and one for the last (to sigma = 0, which returns D). Arguments as :func:`dpm_solver_sample`.
     """
     T = schedule.num_timesteps
-    x_T = jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+    x_T = _starting_noise(key, shape, T, x_T)
     denoise = lambda x, t: _data_prediction(schedule, model_fn, x, t, prediction, variance, clip_x0, thresholding)
 
     def step(x, t):
@@ -416,7 +426,7 @@ def heun_sample(
         x_tilde_next = jax.lax.cond(t > 0, correct, lambda euler: euler, euler)
         return (x_tilde_next * jnp.sqrt(abar_next)).astype(x.dtype), None
 
-    x, _ = jax.lax.scan(step, x_T, jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
+    x, _ = jax.lax.scan(step, x_T, _downwards(T))
     return x
 
 
