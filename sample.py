@@ -5,9 +5,15 @@
 
 Writes under --out: grid.png, images/000000.png ..., and samples.npz (uint8 [N, H, W, C] under arr_0).
 
+Editing given images (an .npz like samples.npz; image i edits image i % N):
+
+    python sample.py --workdir=runs/digits --init_images=x.npz --strength=0.5 --sampler=ddim   # SDEdit
+    python sample.py --workdir=runs/digits --init_images=x.npz --mask=left_half --resamplings=5  # RePaint
+
 Evaluation (results printed and written as JSON under --out):
 
     python sample.py --workdir=runs/digits --eval=bpd                 # bits/dim over the held-out split: bpd.json
+    python sample.py --workdir=runs/digits --eval=ode_bpd             # the probability-flow ODE's: ode_bpd.json
     python sample.py --workdir=runs/digits --eval=fid --num_samples=297 --sampler=ddim   # digits classifier FD/score
     python sample.py --checkpoint=ddpm-cifar10-32 --eval=fid --dataset=cifar10 --num_samples=50000 --batch_size=500 \
         --inception_weights=pt_inception-2015-12-05-6726825d.pth       # FID and Inception Score: fid.json
@@ -44,10 +50,29 @@ flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the DDPM posterio
 flags.DEFINE_integer("seed", 0, "Batch i is drawn from fold_in(PRNGKey(seed), i); --eval=bpd: image i's key.")
 flags.DEFINE_integer("label", None, "Class-conditional models: the class of every image (default: classes in turn).")
 flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale w (0: the plain conditional model).")
+flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")
+flags.DEFINE_string("init_images", None, "Edit these images (.npz, uint8 arr_0 [N,H,W,C]) with --strength or --mask.")
+flags.DEFINE_float("strength", None, "SDEdit: noise --init_images this far down the chain (0..1), then sample back.")
+flags.DEFINE_string(
+    "mask",
+    None,
+    "Inpaint --init_images (RePaint, --sampler=ddpm): left_half, right_half, top_half, bottom_half, "
+    "center, or an .npz whose arr_0 is 1 where pixels are filled in and 0 where they are kept.",
+)
+flags.DEFINE_integer("jump_length", 10, "--mask: RePaint's jump length j (steps re-noised per resampling).")
+flags.DEFINE_integer("resamplings", 1, "--mask: RePaint's resamplings r per jump (1: none).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/samples, or ./samples).")
 flags.DEFINE_bool("individual", True, "Also write each image as a PNG.")
 flags.DEFINE_bool("download", False, "Allow fetching a Hugging Face repo id (--checkpoint) or the Inception weights.")
-flags.DEFINE_enum("eval", None, ["bpd", "fid"], "bpd: the bound over a split; fid: FID and score of the samples.")
+flags.DEFINE_enum(
+    "eval",
+    None,
+    ["bpd", "ode_bpd", "fid"],
+    "bpd: the variational bound over a split; ode_bpd: the probability-flow ODE's bits/dim; fid: FID and score.",
+)
+flags.DEFINE_integer("eval_images", None, "--eval=ode_bpd: only the split's first N images (default: all).")
+flags.DEFINE_enum("divergence", "auto", ["auto", "exact", "hutchinson"], "--eval=ode_bpd: auto is exact up to 16 dims.")
+flags.DEFINE_float("tolerance", 1e-5, "--eval=ode_bpd: the ODE solver's rtol = atol.")
 flags.DEFINE_string("dataset", None, "--eval: the TFDS dataset (default: the run's; needed with --checkpoint).")
 flags.DEFINE_string("split", None, "--eval=bpd: the split (default: the run's eval split); fid: the reference split.")
 flags.DEFINE_string("data_dir", None, "--eval: the TFDS data directory (default: the run's, or TFDS's).")

@@ -16,14 +16,16 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxdiff import evaluation, features, images, parallel, pipeline
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.pipeline import Pipeline
 
-EVALS = ("bpd", "fid")
+EVALS = ("bpd", "ode_bpd", "fid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,12 @@ class SampleRequest:
     seed: int = 0
     label: int | None = None
     guidance: float = 0.0
+    churn: float = 0.0
+    init_images: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    jump_length: int = 10
+    resamplings: int = 1
     out: str | None = None
     individual: bool = True
     download: bool = False
@@ -53,6 +61,9 @@ class SampleRequest:
     inception_weights: str | None = None
     resize: str = "tf1"
     samples: str | None = None
+    eval_images: int | None = None
+    divergence: str = "auto"
+    tolerance: float = 1e-5
 
     def __post_init__(self):
         if (self.workdir is None) == (self.checkpoint is None):
@@ -63,12 +74,28 @@ class SampleRequest:
             raise ValueError("--samples is the images to judge with --eval=fid; add --eval=fid.")
         if self.eval is not None and self.eval not in EVALS:
             raise ValueError(f"--eval must be one of {EVALS}, got {self.eval!r}.")
+        if (self.init_images is None) != (self.strength is None and self.mask is None):
+            raise ValueError(
+                "--init_images are edited: add --strength (SDEdit) or --mask (inpainting); both need --init_images."
+            )
+        if self.init_images is not None and self.eval is not None:
+            raise ValueError("--init_images edits images; it does not combine with --eval.")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise ValueError(f"--eval_images must be >= 1, got {self.eval_images}.")
 
     @property
     def sampling_steps(self) -> int | None:
         if self.steps is not None:
             return self.steps
         return {"ddpm": None, "ddim": 50}.get(self.sampler, 20)
+
+    def edit(self, pipe: Pipeline) -> pipeline.Edit | None:
+        """The edit asked for, with a named or .npz mask made for the model's image size."""
+        if self.init_images is None:
+            return None
+        height, width, _ = pipe.image_shape
+        hole = None if self.mask is None else images.load_mask(self.mask, height, width)
+        return pipeline.Edit(self.strength, hole, self.jump_length, self.resamplings)
 
     @property
     def out_dir(self) -> pathlib.Path:
@@ -83,35 +110,48 @@ def sample(request: SampleRequest) -> int:
         else:
             pipe = pipeline.from_diffusers(request.checkpoint, download=request.download)
         r = request
-        pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance)
-        if request.eval == "bpd":
-            evaluate_bpd(pipe, request)
+        edit = r.edit(pipe)
+        pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
+        if request.eval in ("bpd", "ode_bpd"):
+            (evaluate_bpd if request.eval == "bpd" else evaluate_ode_bpd)(pipe, request)
             return 0
         given = load_samples(request.samples) if request.samples is not None else None
+        init = load_samples(request.init_images) if request.init_images is not None else None
+        if init is not None:
+            pipeline.check_images_fit(pipe, init, request.init_images)
         if request.eval == "fid":
             extractor, reference = fid_reference(pipe, request)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    drawn = given if given is not None else draw(pipe, request)
+    drawn = given if given is not None else draw(pipe, request, edit, init)
     if request.eval == "fid":
         report_fid(extractor, reference, drawn, request.out_dir)
     return 0
 
 
-def draw(pipe: Pipeline, request: SampleRequest) -> np.ndarray:
-    """``num_samples`` images with a progress bar and a summary line; written under ``out`` unless evaluating."""
+def draw(
+    pipe: Pipeline, request: SampleRequest, edit: pipeline.Edit | None = None, init: np.ndarray | None = None
+) -> np.ndarray:
+    """``num_samples`` images with a progress bar and a summary line; written under ``out`` unless evaluating. With an
+    ``edit``, image i edits ``init[i % len(init)]``."""
     mesh = parallel.make_mesh()
     batch = parallel.round_up_batch(min(request.batch_size, request.num_samples), mesh)
     r = request
-    run = pipeline.make_sampler(pipe, r.sampler, r.sampling_steps, r.eta, r.spacing, r.guidance, mesh=mesh)
+    run = pipeline.make_sampler(
+        pipe, r.sampler, r.sampling_steps, r.eta, r.spacing, r.guidance, mesh=mesh, edit=edit, churn=r.churn
+    )
+    what = "Sampling"
+    if edit is not None:
+        what = f"SDEdit at strength {edit.strength} of" if edit.hole is None else f"Inpainting ({r.mask}) of"
+        what += f" {len(init)} images from {r.init_images}:"
     log(
-        f"Sampling {r.num_samples} images from {pipe.source}: {r.sampler}, {r.sampling_steps or pipe.num_timesteps} "
+        f"{what} {r.num_samples} images from {pipe.source}: {r.sampler}, {r.sampling_steps or pipe.num_timesteps} "
         f"steps, batch {batch} over {mesh.devices.size} device(s)."
     )
     progress = Progress(r.num_samples, "image")
     start = time.perf_counter()
-    drawn = pipeline.generate(pipe, run, r.num_samples, batch, r.seed, r.label, progress)
+    drawn = pipeline.generate(pipe, run, r.num_samples, batch, r.seed, r.label, progress, init)
     total = time.perf_counter() - start
     progress.close()
     rate = f"{len(drawn) / total:.2f} images/s overall"
@@ -149,7 +189,7 @@ def evaluate_bpd(pipe: Pipeline, request: SampleRequest) -> None:
     """The variational bound over a whole split in bits/dim: printed, and written to ``<out>/bpd.json``."""
     data = data_for(pipe, request, request.split or (pipe.data.eval_split if pipe.data else "test"))
     split_images, labels = load_split(data)
-    evaluation.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
+    pipeline.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
     labels = labels if pipe.num_classes is not None else None
     mesh = parallel.make_mesh()
     batch = parallel.round_up_batch(min(request.batch_size, len(split_images)), mesh)
@@ -177,6 +217,51 @@ def evaluate_bpd(pipe: Pipeline, request: SampleRequest) -> None:
             f"bits/dim {result.total:.4f} +- {result.total_stderr:.4f} (prior {result.prior:.2e}, denoising "
             f"{result.denoising:.4f}, reconstruction {result.reconstruction:.4f}) over {result.num_examples} images "
             f"in {seconds:.0f} s ({result.num_examples / seconds:.2f} images/s); per-t curve in {path}."
+        )
+
+
+def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
+    """Bits/dim of the probability-flow ODE over a split (or its first ``eval_images``): printed, and written to
+    ``<out>/ode_bpd.json`` with each image's figure."""
+    data = data_for(pipe, request, request.split or (pipe.data.eval_split if pipe.data else "test"))
+    split_images, labels = load_split(data)
+    split_images = split_images[: request.eval_images]
+    pipeline.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
+    labels = labels[: request.eval_images].astype(np.int32) if pipe.num_classes is not None else None
+    mesh = parallel.make_mesh()
+    batch = parallel.round_up_batch(min(request.batch_size, len(split_images)), mesh)
+    log(
+        f"ODE bits/dim of {pipe.source} over {len(split_images)} images of {data.dataset} {data.split} "
+        f"(divergence {request.divergence}, tolerance {request.tolerance}), batch {batch}."
+    )
+    bpd_fn = pipeline.make_ode_bpd_fn(pipe, request.divergence, request.tolerance, mesh)
+    key = jax.random.key(request.seed)
+    progress = Progress(len(split_images), "image")
+    start = time.perf_counter()
+    bits, steps = [], []
+    for begin in range(0, len(split_images), batch):
+        index = np.minimum(np.arange(begin, begin + batch), len(split_images) - 1)  # pad with the last image
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index))
+        y = None if labels is None else jnp.asarray(labels[index])
+        out, solver_steps = bpd_fn(pipe.params, jnp.asarray(split_images[index]), keys, y)
+        n = min(batch, len(split_images) - begin)
+        bits.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n])
+        steps.append(int(np.asarray(multihost_utils.process_allgather(solver_steps, tiled=True))[0]))
+        progress(n)
+    seconds = time.perf_counter() - start
+    progress.close()
+    bits = np.concatenate(bits).astype(np.float64)
+    mean, stderr = float(bits.mean()), float(bits.std(ddof=1) / np.sqrt(len(bits))) if len(bits) > 1 else 0.0
+    if is_main_process():
+        path = request.out_dir / "ode_bpd.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary = dict(model=pipe.source, dataset=data.dataset, split=data.split, seed=request.seed)
+        summary.update(divergence=request.divergence, tolerance=request.tolerance, num_examples=len(bits))
+        summary.update(bpd=mean, bpd_stderr=stderr, solver_steps=steps, seconds=seconds, per_image=bits.tolist())
+        path.write_text(json.dumps(summary, indent=1))
+        log(
+            f"ODE bits/dim {mean:.4f} +- {stderr:.4f} over {len(bits)} images in {seconds:.0f} s (solver steps per "
+            f"batch {min(steps)}-{max(steps)}); written to {path}."
         )
 
 

@@ -198,6 +198,20 @@ def x0_and_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, prediction
     return predict_x0_from_v(schedule, x_t, t, pred), predict_eps_from_v(schedule, x_t, t, pred)
 
 
+def x0_and_eps_at(alpha_bar: Array, x_t: Array, pred: Array, prediction: str) -> tuple[Array, Array]:
+    """(x_0, eps) implied by a prediction at noise level ``alpha_bar`` (``[B]``, or a scalar) rather than at a step of a
+    schedule: for solvers that call the network between steps. Same formulas as :func:`x0_and_eps`."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    _check_same_shape(x_t=x_t, prediction=pred)
+    a = jnp.reshape(alpha_bar, jnp.shape(alpha_bar) + (1,) * (x_t.ndim - jnp.ndim(alpha_bar)))
+    root_a, root_1ma = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+    if prediction == "eps":
+        return (x_t - root_1ma * pred) / root_a, pred
+    if prediction == "x0":
+        return pred, (x_t - root_a * pred) / root_1ma
+    return root_a * x_t - root_1ma * pred, root_1ma * x_t + root_a * pred
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The reverse model p_theta(x_{t-1} | x_t)
 

@@ -30,7 +30,6 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.logs import log
-from jaxdiff.pipeline import Pipeline
 
 TERMS = ("total", "prior", "denoising", "reconstruction")
 
@@ -203,16 +202,6 @@ class SplitBound:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(**extra), indent=1))
         return str(path)
-
-
-def check_images_fit(pipe: Pipeline, images: np.ndarray, what: str) -> None:
-    """A clear error when a split's images are not what the network was trained on."""
-    want = pipe.image_shape
-    if tuple(images.shape[1:]) != want:
-        raise ValueError(
-            f"The model takes {want[0]}x{want[1]}x{want[2]} images but {what} has "
-            f"{'x'.join(map(str, images.shape[1:]))}: evaluate on the dataset the model was trained on."
-        )
 
 
 def bound_over_split(

@@ -72,3 +72,49 @@ def write_samples(images: np.ndarray, out: str | os.PathLike, individual: bool =
             _picture(image).save(folder / f"{i:06d}.png")
         paths["images"] = str(folder)
     return paths
+
+
+MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
+
+
+def named_mask(name: str, height: int, width: int) -> np.ndarray:
+    """A float32 ``[H, W, 1]`` inpainting hole: 1 where pixels are filled in, 0 where the given image is kept.
+
+    ``left_half``/``right_half``/``top_half``/``bottom_half`` fill that half; ``center`` fills the central square
+    (rectangle) of half the height and width.
+    """
+    hole = np.zeros((height, width, 1), np.float32)
+    rows, cols = slice(None), slice(None)
+    if name == "left_half":
+        cols = slice(0, width // 2)
+    elif name == "right_half":
+        cols = slice(width // 2, width)
+    elif name == "top_half":
+        rows = slice(0, height // 2)
+    elif name == "bottom_half":
+        rows = slice(height // 2, height)
+    elif name == "center":
+        rows = slice(height // 4, height // 4 + height // 2)
+        cols = slice(width // 4, width // 4 + width // 2)
+    else:
+        raise ValueError(f"Unknown mask {name!r}; choose one of {', '.join(MASKS)}, or give an .npz file.")
+    hole[rows, cols] = 1.0
+    return hole
+
+
+def load_mask(spec: str, height: int, width: int) -> np.ndarray:
+    """``named_mask(spec)``, or the hole under ``arr_0`` of an .npz file (``[H, W]``, ``[H, W, 1]`` or ``[H, W, C]``,
+    1 = fill in, 0 = keep) as float32 with a channel axis."""
+    if spec in MASKS:
+        return named_mask(spec, height, width)
+    try:
+        with np.load(spec) as f:
+            hole = np.asarray(f["arr_0"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        names = ", ".join(MASKS)
+        raise ValueError(f"The mask {spec!r} is neither one of {names} nor an .npz file with arr_0 ({e}).") from e
+    if hole.ndim == 2:
+        hole = hole[..., None]
+    if not np.all((hole == 0) | (hole == 1)):
+        raise ValueError(f"The mask {spec} must hold only 0 (keep) and 1 (fill in).")
+    return hole

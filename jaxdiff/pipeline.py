@@ -254,13 +254,61 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
 # Sampling
 
 
-def check_request(pipe: Pipeline, sampler: str, steps: int | None, eta: float, label: int | None, guidance: float):
+def check_images_fit(pipe: Pipeline, images: np.ndarray, what: str) -> None:
+    """A clear error when images (a split to evaluate on, images to edit) are not the size the network takes."""
+    want = pipe.image_shape
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(
+            f"The model takes {want[0]}x{want[1]}x{want[2]} images but {what} has "
+            f"{'x'.join(map(str, images.shape[1:]))}: use images of the size and channels the model was trained on."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """What a sampler does with given images (``sample.py --init_images``) instead of drawing from noise.
+
+    Attributes:
+      strength: SDEdit: noise the images this far down the chain (in [0, 1]) and sample back from there
+        (:func:`jaxdiff.samplers.sdedit`). Any sampler.
+      hole: RePaint: ``[H, W, 1]`` or ``[H, W, C]``, 1 where pixels are filled in and 0 where the given image is kept
+        (:func:`jaxdiff.samplers.repaint_sample`, ancestral steps: ``ddpm`` only). ``images.named_mask`` makes the
+        usual ones.
+      jump_length, resamplings: RePaint's resampling jumps (1 resampling: none).
+    """
+
+    strength: float | None = None
+    hole: np.ndarray | None = None
+    jump_length: int = 10
+    resamplings: int = 1
+
+    def __post_init__(self):
+        if (self.strength is None) == (self.hole is None):
+            raise ValueError("An edit is either SDEdit (--strength) or inpainting (--mask), not both and not neither.")
+        if self.strength is not None:
+            samplers.check_strength(self.strength)
+        if self.jump_length < 1 or self.resamplings < 1:
+            raise ValueError(f"jump_length and resamplings must be >= 1, got {self.jump_length}, {self.resamplings}.")
+
+
+def check_request(
+    pipe: Pipeline,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+    label: int | None,
+    guidance: float,
+    edit: Edit | None = None,
+    churn: float = 0.0,
+):
     """Clear errors for what cannot be sampled, before anything compiles."""
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     pipe.sampling_schedule(steps)  # steps in [1, T]
     samplers.check_eta(eta)
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for {sampler}.")
+    if churn != 0 and (sampler != "heun" or not churn > 0):
+        raise ValueError(f"churn is Heun's stochastic churn, >= 0 with --sampler=heun; got {churn} with {sampler}.")
     classes = pipe.num_classes
     if classes is None and (label is not None or guidance != 0):
         raise ValueError(
@@ -269,6 +317,13 @@ def check_request(pipe: Pipeline, sampler: str, steps: int | None, eta: float, l
         )
     if label is not None and not 0 <= label < classes:
         raise ValueError(f"label must lie in [0, {classes - 1}] for this model with {classes} classes, got {label}.")
+    if edit is not None and edit.hole is not None:
+        if sampler != "ddpm":
+            raise ValueError(
+                f"Inpainting (RePaint) re-noises the known pixels between ancestral steps: use --sampler=ddpm (with "
+                f"--steps for a shorter chain), not {sampler}."
+            )
+        samplers.check_mask(edit.hole, (1, *pipe.image_shape))
 
 
 def make_sampler(
@@ -279,12 +334,17 @@ def make_sampler(
     spacing: str | None = None,
     guidance: float = 0.0,
     mesh: jax.sharding.Mesh | None = None,
-) -> Callable[[Any, jax.Array, jax.Array | None, int], jax.Array]:
-    """A compiled ``(params, key, labels, batch) -> images in [-1, 1]`` with the batch split over ``mesh``'s devices.
+    *,
+    edit: Edit | None = None,
+    churn: float = 0.0,
+) -> Callable[..., jax.Array]:
+    """A compiled ``(params, key, labels, batch, init=None) -> images in [-1, 1]`` with the batch split over ``mesh``.
 
-    ``sampler``: ``ddpm``, ``ddim`` (with ``eta``), ``dpm++2m``, ``dpm++3m`` or ``heun``. ``labels`` is ``[batch]``
-    int32 for a class-conditional model, or None. ``steps``: the respaced schedule's length (None: all T), spread by
-    ``spacing`` (None: the sampler's own grid, ``samplers.DEFAULT_SPACINGS``). Each batch size compiles once.
+    ``sampler``: ``ddpm``, ``ddim`` (with ``eta``), ``dpm++2m``, ``dpm++3m`` or ``heun`` (with Karras et al.'s
+    ``churn``). ``labels`` is ``[batch]`` int32 for a class-conditional model, or None. ``steps``: the respaced
+    schedule's length (None: all T), spread by ``spacing`` (None: the sampler's own grid,
+    ``samplers.DEFAULT_SPACINGS``). With an ``edit``, ``init`` is the ``[batch, H, W, C]`` images in [-1, 1] to edit.
+    Each batch size compiles once.
     """
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     schedule = pipe.sampling_schedule(steps, spacing or samplers.DEFAULT_SPACINGS[sampler])
@@ -292,26 +352,45 @@ def make_sampler(
     mesh = mesh or parallel.make_mesh()
     kwargs = {"prediction": pipe.prediction, "variance": pipe.variance, "clip_x0": pipe.clip_x0}
 
-    def sample(params, key, labels, shape):
-        model_fn = pipe.model_fn(params, labels, guidance)
+    def from_noise(schedule, model_fn, key, shape, x_T=None):
         if sampler == "ddim":
-            return samplers.ddim_sample(schedule, model_fn, shape, key, eta=eta, **kwargs)
+            return samplers.ddim_sample(schedule, model_fn, shape, key, eta=eta, x_T=x_T, **kwargs)
         if sampler in ("dpm++2m", "dpm++3m"):
-            return samplers.dpm_solver_sample(
-                schedule, model_fn, shape, key, order={"dpm++2m": 2, "dpm++3m": 3}[sampler], **kwargs
-            )
+            order = {"dpm++2m": 2, "dpm++3m": 3}[sampler]
+            return samplers.dpm_solver_sample(schedule, model_fn, shape, key, order=order, x_T=x_T, **kwargs)
         if sampler == "heun":
-            return samplers.heun_sample(schedule, model_fn, shape, key, **kwargs)
-        return samplers.ddpm_sample(schedule, model_fn, shape, key, **kwargs)
+            return samplers.heun_sample(schedule, model_fn, shape, key, x_T=x_T, s_churn=churn, **kwargs)
+        return samplers.ddpm_sample(schedule, model_fn, shape, key, x_T=x_T, **kwargs)
+
+    def sample(params, key, labels, init, shape):
+        model_fn = pipe.model_fn(params, labels, guidance)
+        if edit is None:
+            return from_noise(schedule, model_fn, key, shape)
+        if edit.hole is not None:
+            known = 1.0 - jnp.asarray(edit.hole, jnp.float32)
+            return samplers.repaint_sample(
+                schedule,
+                model_fn,
+                init,
+                known,
+                key,
+                jump_length=edit.jump_length,
+                resamplings=edit.resamplings,
+                **kwargs,
+            )
+        start = lambda schedule, key, x_T: from_noise(schedule, model_fn, key, shape, x_T)
+        return samplers.sdedit(start, schedule, init, edit.strength, key)
 
     compiled = {}
 
-    def run(params, key, labels, batch):
+    def run(params, key, labels, batch, init=None):
+        if (init is None) != (edit is None):
+            raise ValueError("Pass init (the images to edit) exactly when the sampler was made with an edit.")
         if batch not in compiled:
             shape = (batch, *pipe.image_shape)
-            fn = lambda p, k, y: sample(p, k, y, shape)
-            compiled[batch] = parallel.jit_batched(fn, mesh, (False, False, conditional))
-        return compiled[batch](params, key, labels if conditional else None)
+            fn = lambda p, k, y, x: sample(p, k, y, x, shape)
+            compiled[batch] = parallel.jit_batched(fn, mesh, (False, False, conditional, edit is not None))
+        return compiled[batch](params, key, labels if conditional else None, init)
 
     return run
 
@@ -333,21 +412,28 @@ def generate(
     seed: int = 0,
     label: int | None = None,
     progress: Callable[[int], None] | None = None,
+    init_images: np.ndarray | None = None,
 ) -> np.ndarray:
     """``num_samples`` uint8 images ``[N, H, W, C]`` of ``pipe.params``: batch i drawn with ``fold_in(key(seed), i)``.
 
     A class-conditional model draws ``label``, or the classes in turn. The last batch is drawn whole and cut, so every
-    batch has the same shape (one compile).
+    batch has the same shape (one compile). With ``init_images`` (uint8 ``[M, H, W, C]``, for a sampler made with an
+    edit) image i is an edit of ``init_images[i % M]``.
     """
     devices = jax.device_count()
     if batch_size < 1 or batch_size % devices:
         raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")
-    labels = labels_for(-(-num_samples // batch_size) * batch_size, pipe.num_classes, label)
+    padded = -(-num_samples // batch_size) * batch_size
+    labels = labels_for(padded, pipe.num_classes, label)
+    if init_images is not None:
+        check_images_fit(pipe, init_images, "the images to edit")
+        init_images = images.from_uint8(init_images[np.arange(padded) % len(init_images)])
     key = jax.random.key(seed)
     out = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         batch_labels = None if labels is None else jnp.asarray(labels[start : start + batch_size])
-        drawn = images.to_uint8(run(pipe.params, jax.random.fold_in(key, i), batch_labels, batch_size))
+        init = None if init_images is None else init_images[start : start + batch_size]
+        drawn = images.to_uint8(run(pipe.params, jax.random.fold_in(key, i), batch_labels, batch_size, init))
         out.append(np.asarray(multihost_utils.process_allgather(drawn, tiled=True)))
         if progress is not None:
             progress(min(batch_size, num_samples - start))
@@ -387,3 +473,31 @@ def make_bound_fn(
         )
 
     return parallel.jit_batched(bound, mesh, (False, True, True, True))
+
+
+def make_ode_bpd_fn(
+    pipe: Pipeline, divergence: str = "auto", tolerance: float = 1e-5, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
+    """A jitted ``(params, images uint8 [B, H, W, C], keys [B], labels [B] or None) -> (bits/dim [B], solver steps)``:
+    the probability-flow ODE's bits/dim (:func:`jaxdiff.likelihood.ode_bits_per_dim`, rtol = atol = ``tolerance``)
+    with the batch split over ``mesh``. A class-conditional network is given each image's own label."""
+    from jaxdiff import likelihood  # diffrax is loaded only for this
+
+    mesh = mesh or parallel.make_mesh()
+
+    def bpd(params, batch, keys, labels):
+        model_fn = lambda x, t: pipe.apply_fn(params, x, t, labels)
+        bits, result = likelihood.ode_bits_per_dim(
+            pipe.schedule,
+            model_fn,
+            images.from_uint8(batch),
+            keys,
+            prediction=pipe.prediction,
+            variance=pipe.variance,
+            divergence=divergence,
+            rtol=tolerance,
+            atol=tolerance,
+        )
+        return bits, jnp.broadcast_to(result.num_steps, bits.shape)
+
+    return parallel.jit_batched(bpd, mesh, (False, True, True, True))

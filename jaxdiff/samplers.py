@@ -23,6 +23,7 @@ after every k steps.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,7 +33,17 @@ import numpy as np
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn
-from jaxdiff.schedules import SNR_SPACINGS, Schedule, beta_schedule, respace, snr_spaced_timesteps, space_timesteps
+from jaxdiff.schedules import (
+    SNR_SPACINGS,
+    Schedule,
+    beta_schedule,
+    log_sigmas,
+    respace,
+    snr_spaced_timesteps,
+    space_timesteps,
+    timestep_at,
+    truncated,
+)
 
 ODE_SAMPLERS = ("dpm++2m", "dpm++3m", "heun")  # deterministic solvers of the probability-flow ODE
 SAMPLERS = ("ddpm", "ddim", *ODE_SAMPLERS)
@@ -400,22 +411,57 @@ def heun_sample(
     clip_x0: bool = False,
     thresholding: float | None = None,
     x_T: jax.Array | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> jax.Array:
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn) on the VP model, in
+    """Heun's second-order method (Karras et al. 2022, Algorithm 2) on the VP model, in
     sigma = sqrt(1 - abar) / sqrt(abar) and x~ = x / sqrt(abar): dx~/dsigma = (x~ - D(x~, sigma)) / sigma.
 
     Steps between the levels of ``schedule`` (respace it: ``karras`` spacing is their grid), two network calls a step
-    and one for the last (to sigma = 0, which returns D). Arguments as :func:`dpm_solver_sample`.
+    and one for the last (to sigma = 0, which returns D). Arguments as :func:`dpm_solver_sample`, and Karras et al.'s
+    stochastic churn: at a level sigma_i in [``s_tmin``, ``s_tmax``] the step first raises the noise to
+    sigma^ = sigma_i (1 + gamma), gamma = min(``s_churn`` / N, sqrt(2) - 1), by adding fresh noise of standard deviation
+    ``s_noise`` sqrt(sigma^2 - sigma_i^2) (from ``fold_in(key, t)``), then solves from sigma^. The network is called at
+    sigma^ with the fractional timestep :func:`jaxdiff.schedules.timestep_at`; sigma^ is capped at the schedule's top
+    level. ``s_churn = 0`` (the default) is the deterministic solver.
     """
+    if not (s_churn >= 0 and s_noise >= 0 and s_tmin <= s_tmax):
+        raise ValueError(
+            f"Heun's churn needs s_churn >= 0, s_noise >= 0 and s_tmin <= s_tmax; got {s_churn}, {s_noise}, "
+            f"{s_tmin}, {s_tmax}."
+        )
     T = schedule.num_timesteps
     x_T = _starting_noise(key, shape, T, x_T)
     denoise = lambda x, t: _data_prediction(schedule, model_fn, x, t, prediction, variance, clip_x0, thresholding)
+    sigmas = jnp.exp(log_sigmas(schedule))
+    gamma_max = min(s_churn / T, math.sqrt(2.0) - 1.0)
+
+    def denoise_between(x_tilde, sigma):
+        """D at a level off the grid: the network at the fractional timestep of sigma."""
+        abar = 1.0 / (1.0 + sigma**2)
+        x = x_tilde * jnp.sqrt(abar)
+        out = model_fn(x, jnp.full((x.shape[0],), timestep_at(schedule, jnp.log(sigma))))
+        pred, _ = diffusion.split_model_output(out, x, variance)
+        pred_x0, _ = diffusion.x0_and_eps_at(abar, x, pred, prediction)
+        if thresholding is not None:
+            return dynamic_threshold(pred_x0, thresholding)
+        return jnp.clip(pred_x0, -1.0, 1.0) if clip_x0 else pred_x0
 
     def step(x, t):
         abar, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
-        sigma, sigma_next = jnp.sqrt((1 - abar) / abar), jnp.sqrt((1 - abar_next) / abar_next)
+        sigma, sigma_next = sigmas[t], jnp.sqrt((1 - abar_next) / abar_next)
         x_tilde = x / jnp.sqrt(abar)
-        d = (x_tilde - denoise(x, t)) / sigma
+        if gamma_max > 0:  # raise the noise to sigma_hat first
+            gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
+            sigma_hat = jnp.minimum(sigma * (1.0 + gamma), sigmas[-1])
+            noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+            x_tilde = x_tilde + s_noise * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * noise
+            sigma = sigma_hat
+            d = (x_tilde - denoise_between(x_tilde, sigma)) / sigma
+        else:
+            d = (x_tilde - denoise(x, t)) / sigma
         euler = x_tilde + (sigma_next - sigma) * d
 
         def correct(euler):
@@ -427,6 +473,148 @@ def heun_sample(
         return (x_tilde_next * jnp.sqrt(abar_next)).astype(x.dtype), None
 
     x, _ = jax.lax.scan(step, x_T, _downwards(T))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Editing: SDEdit and RePaint
+
+
+def check_strength(strength: float) -> None:
+    """Raise a ValueError unless 0 <= strength <= 1."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(
+            f"strength must lie in [0, 1] (0 returns the given images, 1 starts from nearly pure noise), got "
+            f"{strength}."
+        )
+
+
+def sdedit(
+    sample_fn: Callable[..., jax.Array],
+    schedule: Schedule,
+    x0: jax.Array,
+    strength: float,
+    key: jax.Array,
+) -> jax.Array:
+    """SDEdit (Meng et al. 2022): noise the given images to a fraction ``strength`` of the way down the chain, then run
+    a sampler from there.
+
+    With k = round(strength * T) of the schedule's T steps, x_k = sqrt(abar) x0 + sqrt(1 - abar) z at step k - 1
+    (z = ``normal(fold_in(key, k))``), and ``sample_fn(truncated(schedule, k), key, x_T=x_k)`` runs the last k steps.
+
+    Args:
+      sample_fn: any sampler with the model bound, ``(schedule, key, x_T) -> x_0``, e.g.
+        ``lambda s, k, x_T: ddim_sample(s, model_fn, x_T.shape, k, x_T=x_T)``.
+      schedule: the schedule to sample on (usually respaced).
+      x0: ``[B, ...]`` images in [-1, 1].
+      strength: in [0, 1]; 0 returns ``x0`` unchanged (no step is taken).
+
+    Raises:
+      ValueError: ``strength`` outside [0, 1].
+    """
+    check_strength(strength)
+    k = round(strength * schedule.num_timesteps)
+    if k == 0:
+        return x0
+    start = truncated(schedule, k)
+    noise = _starting_noise(key, x0.shape, k, None).astype(x0.dtype)
+    x_k = start.sqrt_alphas_cumprod[k - 1] * x0 + start.sqrt_one_minus_alphas_cumprod[k - 1] * noise
+    return sample_fn(start, key, x_k)
+
+
+def repaint_path(num_steps: int, jump_length: int = 10, resamplings: int = 1) -> np.ndarray:
+    """RePaint's walk over the chain: ``[n, 2]`` int32 rows (step index, +1 down / -1 up), from level T to level 0.
+
+    Going down from level n takes step n - 1 (x_n -> x_{n-1}); going up from level n re-noises with step n's
+    q(x_{n+1} | x_n). On reaching a level that is a multiple of ``jump_length`` (above 0, with room above it), the walk
+    goes back up ``jump_length`` levels and down again, ``resamplings - 1`` times per level: about
+    ``resamplings * T`` down-steps in all (``resamplings = 1``: straight down, T steps).
+
+    Raises:
+      ValueError: ``jump_length`` or ``resamplings`` < 1.
+    """
+    if jump_length < 1 or resamplings < 1:
+        raise ValueError(f"jump_length and resamplings must be >= 1, got {jump_length} and {resamplings}.")
+    jumps_left = {n: resamplings - 1 for n in range(jump_length, num_steps - jump_length + 1, jump_length)}
+    path, level = [], num_steps
+    while level > 0:
+        path.append((level - 1, 1))
+        level -= 1
+        if jumps_left.get(level, 0) > 0:
+            jumps_left[level] -= 1
+            for _ in range(jump_length):
+                path.append((level, -1))
+                level += 1
+    return np.asarray(path, np.int32).reshape(-1, 2)
+
+
+def check_mask(mask: jax.Array | np.ndarray, shape: tuple[int, ...]) -> None:
+    """Raise a ValueError unless ``mask`` broadcasts to the images' ``shape`` ``[B, H, W, C]`` without growing it."""
+    mask_shape = tuple(np.shape(mask))
+    try:
+        fits = np.broadcast_shapes(mask_shape, shape) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"The mask's shape {mask_shape} does not fit images of shape {tuple(shape)}: give [H, W, 1], [H, W, C] "
+            "or [B, H, W, C] (1 = known pixel, kept; 0 = filled in)."
+        )
+
+
+def repaint_sample(
+    schedule: Schedule,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    mask: jax.Array,
+    key: jax.Array,
+    *,
+    jump_length: int = 10,
+    resamplings: int = 1,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+) -> jax.Array:
+    """RePaint inpainting (Lugmayr et al. 2022): ancestral sampling in which the known pixels are replaced, at every
+    step, by the given image noised to that step's level; with resampling jumps to harmonise the two parts.
+
+    Each down-step from level n: x_{n-1} = m * (sqrt(abar_{n-1}) x0 + sqrt(1 - abar_{n-1}) z) + (1 - m) * DDPM(x_n);
+    each up-step: x_{n+1} = sqrt(1 - beta_{n+1}) x_n + sqrt(beta_{n+1}) z. The walk is :func:`repaint_path`; one
+    ``lax.scan`` over it, row i's noise from ``fold_in(key, i)``, x_T from ``fold_in(key, n)`` (n rows). The last
+    step sets the known pixels to ``x0`` itself, so they come back exactly.
+
+    Args:
+      x0: ``[B, ...]`` images in [-1, 1] (their unknown pixels are ignored).
+      mask: 1 where a pixel is known, 0 where it is to be filled; broadcast to ``x0`` (e.g. ``[H, W, 1]``).
+      jump_length, resamplings: RePaint's j and r (``resamplings = 1``: no jumps).
+
+    Raises:
+      ValueError: a mask that does not fit ``x0``.
+    """
+    check_mask(mask, x0.shape)
+    mask = jnp.broadcast_to(jnp.asarray(mask, x0.dtype), x0.shape)
+    path = jnp.asarray(repaint_path(schedule.num_timesteps, jump_length, resamplings))
+    down = functools.partial(ddpm_step, schedule, model_fn, prediction=prediction, variance=variance, clip_x0=clip_x0)
+
+    def walk(x, row):
+        (t, direction), i = row
+        step_key, known_key = jax.random.split(jax.random.fold_in(key, i))
+
+        def go_down(x):
+            unknown, _ = down(x, t, step_key)
+            noise = jax.random.normal(known_key, x.shape, x.dtype)
+            known = schedule.sqrt_alphas_cumprod_prev[t] * x0 + jnp.sqrt(1.0 - schedule.alphas_cumprod_prev[t]) * noise
+            return mask * known + (1.0 - mask) * unknown
+
+        def go_up(x):
+            noise = jax.random.normal(step_key, x.shape, x.dtype)
+            return jnp.sqrt(schedule.alphas[t]) * x + jnp.sqrt(schedule.betas[t]) * noise
+
+        return jax.lax.cond(direction > 0, go_down, go_up, x).astype(x.dtype), None
+
+    x_T = jax.random.normal(jax.random.fold_in(key, path.shape[0]), x0.shape, x0.dtype)
+    rows = (path, jnp.arange(path.shape[0], dtype=jnp.int32))
+    x, _ = jax.lax.scan(walk, x_T, rows)
     return x
 
 

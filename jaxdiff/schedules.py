@@ -311,3 +311,43 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
     abar = np.cumprod(1.0 - betas)[kept]
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Between the steps: the noise level of a fractional timestep, for solvers that leave the grid
+
+
+def log_sigmas(schedule: Schedule) -> jax.Array:
+    """log sigma_t = 0.5 log((1 - abar_t) / abar_t) of every step, ``[T]``, increasing (Karras et al.'s sigma of the
+    VP model: x_t / sqrt(abar_t) = x_0 + sigma_t eps)."""
+    return 0.5 * (schedule.log_one_minus_alphas_cumprod - jnp.log(schedule.alphas_cumprod))
+
+
+def timestep_at(schedule: Schedule, log_sigma: jax.Array) -> jax.Array:
+    """The fractional (original) timestep of noise level ``log_sigma``: piecewise linear in log sigma between the
+    schedule's steps, clamped to its first and last step. Float32, the shape of ``log_sigma``.
+
+    The network is called with it as with an integer timestep (its sinusoidal embedding takes any real t), as
+    k-diffusion and DPM-Solver do for discrete-time models. :func:`log_sigma_at` is its inverse on the range.
+    """
+    return jnp.interp(log_sigma, log_sigmas(schedule), schedule.timestep_map.astype(jnp.float32))
+
+
+def log_sigma_at(schedule: Schedule, timesteps: jax.Array) -> jax.Array:
+    """The noise level log sigma of fractional (original) timesteps, piecewise linear between the schedule's steps:
+    the inverse of :func:`timestep_at`. An exact denoiser for a solver that calls it between steps reads its level
+    from here."""
+    grid = schedule.timestep_map.astype(jnp.float32)
+    return jnp.interp(jnp.asarray(timesteps, jnp.float32), grid, log_sigmas(schedule))
+
+
+def truncated(schedule: Schedule, steps: int) -> Schedule:
+    """The first ``steps`` steps of ``schedule`` (its lowest noise levels): a sampler run on it starts at step
+    ``steps - 1`` (SDEdit starts part-way down the chain this way).
+
+    Raises:
+      ValueError: ``steps`` outside [1, T].
+    """
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must lie in [1, {schedule.num_timesteps}], got {steps}.")
+    return jax.tree_util.tree_map(lambda a: a[:steps], schedule)

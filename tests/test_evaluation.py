@@ -325,8 +325,8 @@ def test_sample_py_evaluates_bpd_and_fid_and_refuses_bad_requests(tiny_model, di
 def test_a_split_of_other_images_is_refused_before_evaluating(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ValueError, match=r"takes 8x8x1 images but cifar10 test has 32x32x3"):
-        evaluation.check_images_fit(model, np.zeros((2, 32, 32, 3), np.uint8), "cifar10 test")
-    evaluation.check_images_fit(model, np.zeros((2, 8, 8, 1), np.uint8), "digits test")  # fits: no error
+        pipeline.check_images_fit(model, np.zeros((2, 32, 32, 3), np.uint8), "cifar10 test")
+    pipeline.check_images_fit(model, np.zeros((2, 8, 8, 1), np.uint8), "digits test")  # fits: no error
 
 
 def test_the_training_time_fid_judges_fresh_ema_samples(tiny_model, digits, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pathlib
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_the_math.ipynb", "02_train_digits.ipynb", "03_pretrained_ddpm.ipynb"]
+NAMES = ["01_the_math.ipynb", "02_train_digits.ipynb", "03_pretrained_ddpm.ipynb", "04_fast_sampling.ipynb"]
 
 
 def test_the_notebooks_are_stored_without_outputs():
@@ -96,3 +96,9 @@ def test_03_samples_and_compares_a_local_copy(tmp_path, subprocess_env):
     for name in ("DDPM, 1000 steps", "DDIM, 100 steps", "DDIM, 50 steps"):
         assert f"{name}: " in out and "s for 2 images" in out
     assert "RMS to DDIM 100" in out
+
+
+def test_04_fast_sampling(tmp_path, subprocess_env):
+    _, out = execute("04_fast_sampling.ipynb", subprocess_env, tmp_path)
+    assert "'DPM-Solver++ 3M'" in out and "DPM-Solver++ 2M at 20 calls" in out
+    assert "mean change per pixel" in out and "test digits: bound" in out and "solver steps" in out

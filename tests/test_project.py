@@ -48,6 +48,7 @@ def loaded_by(module: str) -> set[str]:
         ("jaxdiff.schedules", ("flax", "tensorflow", "jaxdiff.models")),
         ("jaxdiff.diffusion", ("flax", "tensorflow", "jaxdiff.models")),
         ("jaxdiff.samplers", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.likelihood", ("flax", "tensorflow", "jaxdiff.models")),
     ],
 )
 def test_the_pure_math_loads_neither_flax_nor_tensorflow(module, must_not_load):

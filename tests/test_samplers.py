@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import pipeline, samplers
-from jaxdiff.schedules import beta_schedule, make_schedule, snr_spaced_timesteps
+from jaxdiff.schedules import beta_schedule, log_sigma_at, log_sigmas, make_schedule, snr_spaced_timesteps, timestep_at
 from tests.helpers import ROOT, fake_run
 
 T = 1000
@@ -397,3 +397,160 @@ def test_the_pipeline_runs_the_ode_solvers_on_their_own_grids(tmp_path):
         want = jax.jit(lambda p, s=schedule, d=direct: d(s, pipe.model_fn(p)))(pipe.params)
         np.testing.assert_allclose(images, want, atol=1e-5)
         assert float(jnp.abs(images).max()) <= 1.0 + 1e-6  # the last step returns the clipped x_0
+
+
+# ----------------------------------------------------------------------------- Heun's churn, SDEdit and RePaint
+
+
+def eps_between_steps(x_t, timesteps):
+    """The optimal eps at fractional timesteps: the level is read as the solvers write it (``log_sigma_at``)."""
+    a = jax.nn.sigmoid(-2.0 * log_sigma_at(FULL, timesteps)).reshape((-1,) + (1,) * len(SHAPE))
+    return jnp.sqrt(1.0 - a) * (x_t - jnp.sqrt(a) * DATA_MEAN) / (a * DATA_VAR + 1.0 - a)
+
+
+def test_fractional_timesteps_and_noise_levels_are_inverse_and_exact_on_the_steps():
+    levels = np.asarray(log_sigma_at(FULL, jnp.arange(T)))
+    abar = np.cumprod(1.0 - beta_schedule("linear", T))
+    np.testing.assert_allclose(levels, 0.5 * np.log((1 - abar) / abar), rtol=1e-5, atol=1e-5)
+    t = jnp.linspace(0.0, T - 1.0, 777)
+    np.testing.assert_allclose(timestep_at(FULL, log_sigma_at(FULL, t)), t, atol=2e-3)
+    # On a respaced schedule the network is still called with the original timesteps.
+    short = samplers.respaced(beta_schedule("linear", T), 10)
+    np.testing.assert_allclose(timestep_at(short, log_sigmas(short)), short.timestep_map, atol=1e-3)
+    np.testing.assert_allclose(
+        eps_between_steps(jnp.ones((3, *SHAPE)), jnp.array([0, 400, 999])),
+        optimal_eps(jnp.ones((3, *SHAPE)), jnp.array([0, 400, 999])),
+        rtol=1e-3,
+        atol=1e-5,
+    )
+
+
+def test_heun_with_churn_still_samples_the_data_and_without_it_is_the_ode_solver():
+    schedule = samplers.respaced(beta_schedule("linear", T), 40, "karras")
+    run = jax.jit(
+        lambda key, churn: samplers.heun_sample(schedule, eps_between_steps, (N, *SHAPE), key, s_churn=churn),
+        static_argnums=1,
+    )
+    churned = run(jax.random.key(2), 40.0)
+    assert_moments_match_the_data(churned, slack=0.02)
+    x_T = jax.random.normal(jax.random.fold_in(jax.random.key(2), 40), (N, *SHAPE))
+    assert float(jnp.abs(churned - run(jax.random.key(2), 0.0)).mean()) > 0.05  # the churn changes the path
+    direct = samplers.heun_sample(schedule, optimal_eps, x_T.shape, KEY, x_T=x_T)  # the same x_T, no churn
+    np.testing.assert_allclose(run(jax.random.key(2), 0.0), direct, atol=1e-4)
+    with pytest.raises(ValueError, match="s_churn >= 0"):
+        samplers.heun_sample(schedule, optimal_eps, (1, *SHAPE), KEY, s_churn=-1.0)
+
+
+def test_sdedit_at_strength_0_returns_its_input_and_from_data_keeps_the_data_distribution():
+    schedule = samplers.respaced(beta_schedule("linear", T), 50)
+    data = DATA_MEAN + np.sqrt(DATA_VAR) * np.random.default_rng(1).standard_normal((N, *SHAPE)).astype(np.float32)
+    ddim = lambda s, key, x_T: samplers.ddim_sample(s, optimal_eps, x_T.shape, key, x_T=x_T, clip_x0=False)
+    np.testing.assert_array_equal(samplers.sdedit(ddim, schedule, data, 0.0, KEY), data)
+    for strength in (0.3, 1.0):
+        edited = np.asarray(jax.jit(lambda x, s=strength: samplers.sdedit(ddim, schedule, x, s, KEY))(data))
+        # Noising data to step k gives exactly q(x_k), so sampling back gives the data distribution again ...
+        assert_moments_match_the_data(edited, slack=0.02)
+        # ... and deterministic DDIM keeps z = (x_k - sqrt(a) m) / sqrt(a v + 1 - a): each edit correlates with its
+        # image by sqrt(a v / (a v + 1 - a)), a = abar at step k = round(strength * 50).
+        a = float(schedule.alphas_cumprod[round(strength * 50) - 1])
+        want = np.sqrt(a * DATA_VAR / (a * DATA_VAR + 1 - a)).ravel()
+        flat, flat_data = edited.reshape(N, -1), data.reshape(N, -1)
+        got = np.array([np.corrcoef(flat[:, i], flat_data[:, i])[0, 1] for i in range(4)])
+        np.testing.assert_array_less(np.abs(got - want), 5 * (1 - want**2) / np.sqrt(N) + 0.01)
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        samplers.sdedit(ddim, schedule, data, 1.5, KEY)
+
+
+def test_repaint_walks_from_noise_to_the_image_with_the_documented_number_of_jumps():
+    for steps, jump, r in ((100, 10, 1), (100, 10, 3), (50, 5, 4), (7, 3, 2)):
+        path = samplers.repaint_path(steps, jump, r)
+        levels = steps - np.cumsum(path[:, 1])
+        assert levels[-1] == 0 and levels.min() == 0 and levels.max() <= steps
+        np.testing.assert_array_equal(path[:, 0], np.where(path[:, 1] > 0, levels, levels - 1))  # step = lower level
+        jumps = len(range(jump, steps - jump + 1, jump))
+        assert (path[:, 1] > 0).sum() == steps + (r - 1) * jump * jumps
+    with pytest.raises(ValueError, match="jump_length and resamplings must be >= 1"):
+        samplers.repaint_path(10, 0, 1)
+
+
+COV = 0.2 * np.array([[1, 0.8, 0.5, 0.2], [0.8, 1, 0.6, 0.4], [0.5, 0.6, 1, 0.7], [0.2, 0.4, 0.7, 1]], np.float32)
+COV_MEAN = np.array([0.3, -0.2, 0.1, 0.4], np.float32)
+
+
+def correlated_eps(x_t, timesteps):
+    """The optimal eps for correlated Gaussian data N(COV_MEAN, COV), through COV's eigenvectors."""
+    lam, vecs = np.linalg.eigh(COV)
+    a = FULL.alphas_cumprod[timesteps][:, None]
+    z = (x_t.reshape(x_t.shape[0], -1) - jnp.sqrt(a) * COV_MEAN) @ vecs
+    return ((jnp.sqrt(1.0 - a) * z / (a * lam + 1.0 - a)) @ vecs.T).reshape(x_t.shape)
+
+
+def test_repaint_keeps_the_known_pixels_and_samples_the_conditional_gaussian():
+    known_values = np.array([0.6, 0.1], np.float32)
+    x0 = np.zeros((N, *SHAPE), np.float32)
+    x0.reshape(N, 4)[:, :2] = known_values
+    x0.reshape(N, 4)[:, 2:] = 5.0  # the unknown pixels' values must play no part
+    known = np.array([1, 1, 0, 0], np.float32).reshape(SHAPE)
+    schedule = samplers.respaced(beta_schedule("linear", T), 250)
+    run = jax.jit(
+        lambda key: samplers.repaint_sample(
+            schedule, correlated_eps, jnp.asarray(x0), known, key, jump_length=5, resamplings=10, clip_x0=False
+        )
+    )
+    x = np.asarray(run(jax.random.key(0)), np.float64).reshape(N, 4)
+    np.testing.assert_array_equal(x[:, :2], np.broadcast_to(known_values, (N, 2)))  # exactly, not approximately
+    k, u = [0, 1], [2, 3]
+    gain = COV[np.ix_(u, k)] @ np.linalg.inv(COV[np.ix_(k, k)])
+    mean = COV_MEAN[u] + gain @ (known_values - COV_MEAN[k])
+    cov = COV[np.ix_(u, u)] - gain @ COV[np.ix_(k, u)]
+    # RePaint is not exact: the known pixels are re-noised independently of the unknown ones. With resampling its
+    # bias here is ~0.01 in the mean and ~0.012 in the covariance (measured; 0.05 without resampling at 100 steps), so
+    # the tolerance is the sample's 5 standard errors plus 0.02. The unconditional mean is 0.18 and 0.1 away.
+    se = np.sqrt(np.diag(cov) / N)
+    np.testing.assert_array_less(np.abs(x[:, 2:].mean(0) - mean), 5 * se + 0.02)
+    np.testing.assert_array_less(np.abs(np.cov(x[:, 2:].T) - cov), 5 * np.sqrt(2 / N) * 0.16 + 0.02)
+    assert np.all(np.abs(x[:, 2:].mean(0) - COV_MEAN[u]) > 0.08)
+    with pytest.raises(ValueError, match="does not fit images"):
+        samplers.repaint_sample(schedule, correlated_eps, jnp.asarray(x0), np.ones((3, 2, 1)), KEY)
+
+
+def test_sample_py_edits_given_images_with_sdedit_and_inpainting(tmp_path, subprocess_env):
+    fake_run(tmp_path / "run")
+    given = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+    np.savez(tmp_path / "given.npz", given)
+    common = [sys.executable, str(ROOT / "sample.py"), f"--workdir={tmp_path / 'run'}", "--num_samples=6"]
+    common += ["--batch_size=4", f"--init_images={tmp_path / 'given.npz'}", "--steps=8"]
+
+    def sample(*flags, out):
+        command = [*common, *flags, f"--out={tmp_path / out}"]
+        return subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+
+    inpaint = sample("--mask=left_half", "--resamplings=2", "--jump_length=2", out="inpaint")
+    assert inpaint.returncode == 0, inpaint.stderr[-3000:]
+    filled = np.load(tmp_path / "inpaint" / "samples.npz")["arr_0"]
+    # Image i inpaints given[i % 3]: the kept right half comes back exactly, the left half is drawn.
+    np.testing.assert_array_equal(filled[:, :, 4:], given[np.arange(6) % 3][:, :, 4:])
+    assert np.any(filled[:, :, :4] != given[np.arange(6) % 3][:, :, :4])
+    untouched = sample("--strength=0", "--sampler=ddim", out="sdedit0")
+    assert untouched.returncode == 0, untouched.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "sdedit0" / "samples.npz")["arr_0"], given[np.arange(6) % 3])
+    for flags, message in (
+        (("--mask=left_half", "--sampler=ddim"), "use --sampler=ddpm"),
+        (("--strength=1.5",), r"strength must lie in \[0, 1\]"),
+        (("--mask=ring",), "Unknown mask 'ring'|neither one of"),
+        (("--strength=0.5", "--churn=1"), "churn is Heun's"),
+    ):
+        bad = sample(*flags, out="bad")
+        assert bad.returncode != 0 and re.search(message, bad.stderr), (flags, bad.stderr[-2000:])
+    np.savez(tmp_path / "wrong.npz", np.zeros((2, 4, 4, 1), np.uint8))
+    wrong = subprocess.run(
+        [*common[:-1], f"--init_images={tmp_path / 'wrong.npz'}", "--strength=0.3", f"--out={tmp_path / 'w'}"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wrong.returncode == 2 and "takes 8x8x1 images" in wrong.stderr, wrong.stderr[-2000:]
+    np.savez(tmp_path / "hole.npz", np.ones((4, 4), np.float32))
+    hole = sample(f"--mask={tmp_path / 'hole.npz'}", out="hole")
+    assert hole.returncode == 2 and "does not fit images" in hole.stderr, hole.stderr[-2000:]
