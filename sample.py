@@ -38,7 +38,9 @@ flags.DEFINE_string(
     "An imported DDPM model: a diffusers UNet2DModel or pipeline folder (or a hub repo id with --download).",
 )
 flags.DEFINE_integer("num_samples", 64, "How many images.")
-flags.DEFINE_integer("batch_size", 64, "Images per compiled batch (rounded up to a multiple of the device count).")
+flags.DEFINE_integer(
+    "batch_size", None, "Images per compiled batch, rounded up to a multiple of the devices (default: by image size)."
+)
 flags.DEFINE_enum(
     "sampler", "ddpm", ["ddpm", "ddim", "dpm++2m", "dpm++3m", "heun"], "Ancestral DDPM, DDIM, or an ODE solver."
 )
@@ -49,7 +51,9 @@ flags.DEFINE_enum(
 flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the DDPM posterior variance.")
 flags.DEFINE_integer("seed", 0, "Batch i is drawn from fold_in(PRNGKey(seed), i); --eval=bpd: image i's key.")
 flags.DEFINE_integer("label", None, "Class-conditional models: the class of every image (default: classes in turn).")
-flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale w (0: the plain conditional model).")
+flags.DEFINE_float(
+    "guidance", None, "Classifier-free guidance scale w (0: the plain conditional model; default: the run's own)."
+)
 flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")
 flags.DEFINE_string("init_images", None, "Edit these images (.npz, uint8 arr_0 [N,H,W,C]) with --strength or --mask.")
 flags.DEFINE_float("strength", None, "SDEdit: noise --init_images this far down the chain (0..1), then sample back.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import time
@@ -49,7 +50,9 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=297)
     parser.add_argument("--batch_size", type=int, default=297)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--samplers", default="ddpm,ddim,dpm++2m,dpm++3m,heun", help="comma-separated")
+    parser.add_argument("--calls", default=",".join(map(str, CALLS)), help="comma-separated network-call budgets")
+    parser.add_argument("--json", default=None, help="write the rows here (merged into the file's rows if it exists)")
     args = parser.parse_args()
 
     pipe = pipeline.from_workdir(args.workdir)
@@ -60,7 +63,7 @@ def main() -> None:
     rows = [{"sampler": "real test digits (floor)", "calls": 0, "fd": floor["fid"], "score": floor["score"]}]
     print(f"{'sampler':>10s} {'calls':>6s} {'steps':>6s} {'FD':>7s} {'score':>6s} {'ms/image':>9s}", flush=True)
     print(f"{'floor':>10s} {'':>6s} {'':>6s} {floor['fid']:7.2f} {floor['score']:6.2f}", flush=True)
-    budgets = [(s, c) for s in ("ddpm", "ddim", "dpm++2m", "dpm++3m", "heun") for c in CALLS]
+    budgets = [(s, int(c)) for s in args.samplers.split(",") for c in args.calls.split(",")]
     for sampler, calls in budgets:
         steps = steps_for(sampler, calls)
         run = pipeline.make_sampler(pipe, sampler, steps)
@@ -81,6 +84,10 @@ def main() -> None:
     if args.json:
         meta = dict(cpu=cpu_model(), devices=jax.device_count(), jax=jax.__version__, workdir=args.workdir)
         meta.update(num_samples=args.num_samples, seed=args.seed, date=time.strftime("%Y-%m-%d"))
+        if os.path.exists(args.json):  # a run of other samplers or budgets: keep its rows, replace repeated ones
+            new = {(r["sampler"], r["calls"]) for r in rows}
+            with open(args.json) as f:
+                rows = [r for r in json.load(f)["rows"] if (r["sampler"], r["calls"]) not in new] + rows
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

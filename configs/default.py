@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.clip_x0 = True
+    c.sampling.guidance = 0.0  # classifier-free guidance w of a class-conditional model: sample.py's and the run's own
 
     # FID on EMA samples during training, against the cached statistics of the training split (logged as eval/fid and
     # eval/score). Off by default: 50,000 samples of a CIFAR-10 model take hours on one accelerator.

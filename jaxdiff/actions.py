@@ -172,10 +172,15 @@ def make_fid(settings, data: DataConfig, pipe: Pipeline, mesh) -> Callable[[obje
     reference = evaluation.reference_stats(extractor, train, log=log)
     run = pipeline.make_sampler(pipe, settings.sampler, settings.steps or None, mesh=mesh)
     batch = parallel.round_up_batch(min(settings.fid_batch_size, settings.fid_num_samples), mesh)
+    labels = pipeline.labels_for(settings.fid_num_samples, pipe.num_classes, None)  # the classes in turn
+    per_class = None
+    if labels is not None and extractor.classifies:
+        per_class = evaluation.class_reference_stats(extractor, train, log=log)
 
     def fid(params, seed: int) -> dict:
         images = pipeline.generate(pipe.with_params(params), run, settings.fid_num_samples, batch, seed=seed)
-        return {**evaluation.sample_quality(extractor, images, reference), "features": extractor.name}
+        quality = evaluation.sample_quality(extractor, images, reference, labels=labels, class_reference=per_class)
+        return {**quality, "features": extractor.name}
 
     return fid
 
@@ -185,9 +190,10 @@ def fid_action(fid: Callable[[object, int], dict], writer, seed: int) -> Callabl
 
     def action(step: int, state: TrainState, **_) -> None:
         quality = fid(state.ema_params, seed + step)
-        writer.write_scalars(step, {f"eval/{k}": quality[k] for k in ("fid", "score") if k in quality})
+        writer.write_scalars(step, {f"eval/{k}": quality[k] for k in ("fid", "score", "cond_accuracy") if k in quality})
+        accuracy = f", conditional accuracy {quality['cond_accuracy']:.3f}" if "cond_accuracy" in quality else ""
         log(
-            f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f} "
+            f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f}{accuracy} "
             f"({quality['num_samples']} EMA samples, {quality['features']} features)"
         )
 

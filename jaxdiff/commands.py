@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -26,6 +27,15 @@ from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.pipeline import Pipeline
 
 EVALS = ("bpd", "ode_bpd", "fid")
+EVAL_BATCH = 64  # images per batch of --eval=bpd/ode_bpd unless --batch_size says otherwise
+SAMPLE_PIXELS = 2**18  # the default drawing batch holds about this many pixel values (batch_for)
+
+
+def batch_for(image_shape: tuple[int, int, int]) -> int:
+    """The default drawing batch: as many images as hold ~2^18 values (4096 8x8 digits, 85 CIFAR-10 images, 1 at
+    256x256). Small images go in few large batches (900 digits in one: 1.24x the images/s of batch 64 on a 2-core CPU,
+    README), large ones are big enough per image, and the batch stays within a CPU's memory."""
+    return max(1, SAMPLE_PIXELS // math.prod(image_shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +46,14 @@ class SampleRequest:
     step: int | None = None
     checkpoint: str | None = None
     num_samples: int = 64
-    batch_size: int = 64
+    batch_size: int | None = None  # None: batch_for(), by image size
     sampler: str = "ddpm"
     steps: int | None = None  # None: all T for ddpm, 50 for ddim, 20 for the ODE solvers
     spacing: str | None = None  # None: the sampler's own grid
     eta: float = 0.0
     seed: int = 0
     label: int | None = None
-    guidance: float = 0.0
+    guidance: float | None = None  # None: the run's config.sampling.guidance
     churn: float = 0.0
     init_images: str | None = None
     strength: float | None = None
@@ -120,13 +130,15 @@ def sample(request: SampleRequest) -> int:
         if init is not None:
             pipeline.check_images_fit(pipe, init, request.init_images)
         if request.eval == "fid":
-            extractor, reference = fid_reference(pipe, request)
+            extractor, reference, per_class = fid_reference(pipe, request)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
     drawn = given if given is not None else draw(pipe, request, edit, init)
     if request.eval == "fid":
-        report_fid(extractor, reference, drawn, request.out_dir)
+        # Drawn by a class-conditional model: each image's requested class (--label, or the classes in turn).
+        labels = pipeline.labels_for(len(drawn), pipe.num_classes, request.label) if given is None else None
+        report_fid(extractor, reference, drawn, request.out_dir, labels, per_class)
     return 0
 
 
@@ -136,7 +148,7 @@ def draw(
     """``num_samples`` images with a progress bar and a summary line; written under ``out`` unless evaluating. With an
     ``edit``, image i edits ``init[i % len(init)]``."""
     mesh = parallel.make_mesh()
-    batch = parallel.round_up_batch(min(request.batch_size, request.num_samples), mesh)
+    batch = parallel.round_up_batch(min(request.batch_size or batch_for(pipe.image_shape), request.num_samples), mesh)
     r = request
     run = pipeline.make_sampler(
         pipe, r.sampler, r.sampling_steps, r.eta, r.spacing, r.guidance, mesh=mesh, edit=edit, churn=r.churn
@@ -192,7 +204,7 @@ def evaluate_bpd(pipe: Pipeline, request: SampleRequest) -> None:
     pipeline.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
     labels = labels if pipe.num_classes is not None else None
     mesh = parallel.make_mesh()
-    batch = parallel.round_up_batch(min(request.batch_size, len(split_images)), mesh)
+    batch = parallel.round_up_batch(min(request.batch_size or EVAL_BATCH, len(split_images)), mesh)
     log(
         f"Bits/dim of {pipe.source} over {data.dataset} {data.split}: {len(split_images)} images x "
         f"{pipe.num_timesteps} timesteps, batch {batch} over {mesh.devices.size} device(s)."
@@ -229,7 +241,7 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
     pipeline.check_images_fit(pipe, split_images, f"{data.dataset} {data.split}")
     labels = labels[: request.eval_images].astype(np.int32) if pipe.num_classes is not None else None
     mesh = parallel.make_mesh()
-    batch = parallel.round_up_batch(min(request.batch_size, len(split_images)), mesh)
+    batch = parallel.round_up_batch(min(request.batch_size or EVAL_BATCH, len(split_images)), mesh)
     log(
         f"ODE bits/dim of {pipe.source} over {len(split_images)} images of {data.dataset} {data.split} "
         f"(divergence {request.divergence}, tolerance {request.tolerance}), batch {batch}."
@@ -266,12 +278,16 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
 
 
 def fid_reference(pipe: Pipeline, request: SampleRequest):
-    """The feature extractor and the cached statistics of the reference split (default: train)."""
+    """The feature extractor, the cached statistics of the reference split (default: train), and for a conditional
+    model judged by a classifier of the dataset's classes, each class's statistics (else None)."""
     data = data_for(pipe, request, request.split or "train")
     extractor = features.make_extractor(
-        request.features, data, request.inception_weights, request.download, request.resize, request.batch_size
+        request.features, data, request.inception_weights, request.download, request.resize, request.batch_size or 100
     )
-    return extractor, evaluation.reference_stats(extractor, data, log=log)
+    per_class = None
+    if pipe.num_classes is not None and extractor.classifies and request.samples is None:
+        per_class = evaluation.class_reference_stats(extractor, data, log=log)
+    return extractor, evaluation.reference_stats(extractor, data, log=log), per_class
 
 
 def load_samples(path: str | os.PathLike) -> np.ndarray:
@@ -286,15 +302,18 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     return loaded
 
 
-def report_fid(extractor, reference, judged: np.ndarray, out: pathlib.Path) -> None:
-    """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``."""
-    result = evaluation.sample_quality(extractor, judged, reference)
+def report_fid(extractor, reference, judged: np.ndarray, out: pathlib.Path, labels=None, per_class=None) -> None:
+    """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``;
+    for class-conditional samples (``labels``) also the conditional accuracy and the distance per class."""
+    result = evaluation.sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
     result.update(features=extractor.name, reference_num=reference.num)
     if is_main_process():
         path = out / "fid.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         score = f", score {result['score']:.3f}" if "score" in result else ""
+        if "cond_accuracy" in result:
+            score += f", conditional accuracy {result['cond_accuracy']:.3f}"
         log(
             f"FID {result['fid']:.4f}{score} ({extractor.name} features, {len(judged)} samples against "
             f"{reference.num} reference images); written to {path}."

@@ -103,6 +103,28 @@ def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
       ValueError: an unknown dataset name, or a dataset without the image feature.
       FileNotFoundError: the dataset is not prepared in data_dir and ``download`` is False (says how to prepare it).
     """
+    builder = _prepared_builder(config)
+    images, labels = [], []
+    for chunk in tfds.as_numpy(builder.as_dataset(split=config.split).batch(4096)):
+        images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
+        if config.label_key in chunk:
+            labels.append(np.asarray(chunk[config.label_key], np.int32))
+    if not images:
+        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
+    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def num_classes(config: DataConfig) -> int | None:
+    """The number of classes the dataset declares (its ``label_key`` feature's ``ClassLabel.num_classes``), or None if
+    it has no such feature. Read from the metadata, not from the labels seen: a split that happens to lack the last
+    class still gets the right count."""
+    features = _prepared_builder(config).info.features
+    feature = features[config.label_key] if config.label_key in features else None
+    return int(feature.num_classes) if isinstance(feature, tfds.features.ClassLabel) else None
+
+
+def _prepared_builder(config: DataConfig) -> tfds.core.DatasetBuilder:
+    """The dataset's TFDS builder, prepared (digits offline; others only with ``download``), with an image feature."""
     try:
         builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -125,14 +147,7 @@ def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
         raise ValueError(
             f"Dataset {config.dataset!r} has no feature {config.image_key!r}; it has {list(builder.info.features)}."
         )
-    images, labels = [], []
-    for chunk in tfds.as_numpy(builder.as_dataset(split=config.split).batch(4096)):
-        images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
-        if config.label_key in chunk:
-            labels.append(np.asarray(chunk[config.label_key], np.int32))
-    if not images:
-        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
-    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+    return builder
 
 
 def resize_square(images: np.ndarray, size: int) -> np.ndarray:

@@ -125,6 +125,33 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def class_reference_stats(
+    extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=log
+) -> dict[int, FeatureStats]:
+    """The feature statistics of each class of the split ``data`` (its labels), from the cache or computed once."""
+    name = f"{extractor.name}_{data.dataset}_{data.split}_{data.image_size}_per_class"
+    path = pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return {int(k): FeatureStats(f[f"mu_{k}"], f[f"sigma_{k}"], int(f[f"num_{k}"])) for k in f["classes"]}
+        except (OSError, ValueError, KeyError) as e:
+            log(f"The cached statistics {path} are unreadable ({e}); computing them again.")
+    images, labels = load_split(dataclasses.replace(data, random_flip=False))
+    if labels is None:
+        raise ValueError(f"{data.dataset} {data.split} has no labels: no per-class statistics.")
+    features, _ = extractor(images)
+    stats = {int(k): feature_stats(features[labels == k]) for k in np.unique(labels)}
+    arrays = {"classes": np.asarray(sorted(stats))}
+    for k, st in stats.items():
+        arrays.update({f"mu_{k}": st.mu, f"sigma_{k}": st.sigma, f"num_{k}": np.asarray(st.num)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    return stats
+
+
 def cache_dir() -> pathlib.Path:
     """``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``: cached reference statistics (and the Inception weights)."""
     env = os.environ.get("JAXDIFF_CACHE")
@@ -153,18 +180,39 @@ def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | 
 
 
 def sample_quality(
-    extractor, images: np.ndarray, reference: FeatureStats, splits: int | None = None
-) -> dict[str, float]:
+    extractor,
+    images: np.ndarray,
+    reference: FeatureStats,
+    splits: int | None = None,
+    labels: np.ndarray | None = None,
+    class_reference: dict[int, FeatureStats] | None = None,
+) -> dict:
     """FID against ``reference`` and the score (Inception Score, or digits classifier score) of uint8 ``images``.
 
     ``splits`` of the score: by default the standard 10 from 10,000 samples on, else 1 (a split of a few hundred
     samples estimates p(y) poorly and biases the score down).
+
+    For class-conditional samples, ``labels`` (the class each image was drawn for) adds ``cond_accuracy``: the share
+    the classifier puts in the requested class (extractors whose classes are the dataset's: the digits classifier).
+    With ``class_reference`` (:func:`class_reference_stats`) also ``fid_per_class``: each class's samples against that
+    class's reference images (few samples per class: biased upwards, for comparing settings).
     """
     features, probs = extractor(images)
     result = {"fid": frechet_distance(feature_stats(features), reference), "num_samples": len(images)}
     if probs is not None:
         splits = splits or (10 if len(images) >= 10_000 else 1)
         result["score"], result["score_std"] = inception_score(probs, splits=splits)
+    if labels is not None and probs is not None and getattr(extractor, "classifies", False):
+        labels = np.asarray(labels)
+        result["cond_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
+        if class_reference:
+            with warnings.catch_warnings():  # a few dozen samples per class: biased, but comparable across settings
+                warnings.simplefilter("ignore", UserWarning)
+                result["fid_per_class"] = {
+                    int(k): frechet_distance(feature_stats(features[labels == k]), ref)
+                    for k, ref in sorted(class_reference.items())
+                    if np.sum(labels == k) >= 2
+                }
     return result
 
 

@@ -20,7 +20,7 @@ import optax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline
-from jaxdiff.data import DataConfig, load_split, make_batches
+from jaxdiff.data import DataConfig, load_split, make_batches, num_classes
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, init_params, make_apply
 from jaxdiff.pipeline import DiffusionConfig, ModelSpec
@@ -67,9 +67,15 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """``config.sampling``: how the run's model is sampled (by default, and by ``sample.py --workdir``)."""
+    """``config.sampling``: how the run's model is sampled (by default, and by ``sample.py --workdir``).
+
+    ``guidance``: the classifier-free guidance scale w of a class-conditional model (train it with
+    ``diffusion.label_dropout > 0``): the run's own sample grids and FID use it, and so does ``sample.py`` unless
+    ``--guidance`` says otherwise.
+    """
 
     clip_x0: bool = True
+    guidance: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +123,13 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The typed settings of ``config``, each section mapped onto its dataclass by name (a key without a field, or a
     wrong value, fails here with the dataclass's own message)."""
     c = config.to_dict()
+    if c["sampling"].get("guidance", 0.0) != 0 and not (
+        c["data"].get("class_conditional") and c["diffusion"].get("label_dropout", 0.0) > 0
+    ):
+        raise ValueError(
+            "config.sampling.guidance needs a class-conditional model that also learned the unconditional one: set "
+            "config.data.class_conditional=True and config.diffusion.label_dropout > 0 (e.g. 0.1), or guidance=0."
+        )
     return RunConfig(
         seed=c["seed"],
         data=DataConfig(**c["data"]),
@@ -145,8 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    num_classes = int(batches.labels.max()) + 1 if batches.labels is not None else None
-    spec = ModelSpec(run.network(batches.images.shape[-1], num_classes), run.diffusion, run.sampling.clip_x0, run.data)
+    classes = _classes(run.data, batches.labels)
+    network = run.network(batches.images.shape[-1], classes)
+    spec = ModelSpec(network, run.diffusion, run.sampling.clip_x0, run.data, run.sampling.guidance)
     optimizer = make_optimizer(run.optim)
     state, manager = _initial_state(workdir, run, spec.network, optimizer, mesh)
     pipe = pipeline.from_spec(spec, state.ema_params, f"{workdir} (training)")
@@ -170,6 +184,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         manager.close()
         writer.close()
     return state
+
+
+def _classes(data: DataConfig, labels) -> int | None:
+    """A class-conditional run's number of classes: the dataset's ClassLabel metadata (the null class is one more);
+    the largest label + 1 only for a label feature that declares no classes. None for an unconditional run."""
+    if not data.class_conditional:
+        return None
+    if labels is None:
+        raise ValueError(
+            f"config.data.class_conditional=True but {data.dataset!r} has no {data.label_key!r} feature: set "
+            "config.data.label_key to its label feature, or train unconditionally."
+        )
+    declared = num_classes(data)
+    if declared is None:
+        declared = int(labels.max()) + 1
+        log(f"{data.dataset}'s {data.label_key!r} declares no classes; taking {declared} (the largest label + 1).")
+    if labels.min() < 0 or labels.max() >= declared:
+        raise ValueError(f"{data.dataset}'s labels must lie in [0, {declared}), found {labels.min()}..{labels.max()}.")
+    return declared
 
 
 def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state) -> actions.Actions:

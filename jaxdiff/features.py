@@ -76,6 +76,7 @@ class InceptionFeatures:
     """
 
     dim = FEATURE_DIM
+    classifies = False  # ImageNet's classes, not the dataset's
 
     def __init__(self, params, batch_size: int = 100, image_size: int = 299, resize: str = "tf1", mesh=None):
         if resize not in RESIZES:
@@ -158,6 +159,7 @@ class DigitsClassifier:
     """Features and class probabilities of :class:`DigitsNet` trained on the digits train split (``seed``)."""
 
     dim = 64
+    classifies = True  # its classes are the dataset's: conditional samples can be checked against their labels
 
     def __init__(
         self, train_images: np.ndarray, train_labels: np.ndarray, seed: int = 0, batch_size: int = 256, mesh=None

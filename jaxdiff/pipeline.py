@@ -91,6 +91,7 @@ class ModelSpec:
     diffusion: DiffusionConfig
     clip_x0: bool = True
     data: DataConfig | None = None
+    guidance: float = 0.0  # the default classifier-free guidance of a class-conditional network
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,6 +104,7 @@ class ModelSpec:
             diffusion=DiffusionConfig(**spec["diffusion"]),
             clip_x0=bool(spec.get("clip_x0", True)),
             data=DataConfig(**data) if data is not None else None,
+            guidance=float(spec.get("guidance", 0.0)),
         )
 
 
@@ -122,6 +124,8 @@ class Pipeline:
         UNet uses ``num_classes``, the default.
       source: where it came from, for messages.
       data: the dataset it was trained on (None for an imported model): the default for evaluation.
+      guidance: the classifier-free guidance scale to sample with unless told otherwise (a conditional run's
+        ``config.sampling.guidance``; 0 for others).
       schedule: the full chain (T steps), computed from ``betas``: what training and the bound use.
     """
 
@@ -136,6 +140,7 @@ class Pipeline:
     null_class: int | None = None
     source: str = ""
     data: DataConfig | None = None
+    guidance: float = 0.0
     schedule: Schedule = dataclasses.field(init=False, repr=False)  # the full chain (T steps), from the betas
 
     def __post_init__(self):
@@ -192,6 +197,7 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
         num_classes=net.num_classes,
         source=source,
         data=spec.data,
+        guidance=spec.guidance,
     )
 
 
@@ -297,11 +303,12 @@ def check_request(
     steps: int | None,
     eta: float,
     label: int | None,
-    guidance: float,
+    guidance: float | None,
     edit: Edit | None = None,
     churn: float = 0.0,
 ):
-    """Clear errors for what cannot be sampled, before anything compiles."""
+    """Clear errors for what cannot be sampled, before anything compiles (``guidance`` None: the pipeline's)."""
+    guidance = pipe.guidance if guidance is None else guidance
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     pipe.sampling_schedule(steps)  # steps in [1, T]
     samplers.check_eta(eta)
@@ -332,7 +339,7 @@ def make_sampler(
     steps: int | None = None,
     eta: float = 0.0,
     spacing: str | None = None,
-    guidance: float = 0.0,
+    guidance: float | None = None,
     mesh: jax.sharding.Mesh | None = None,
     *,
     edit: Edit | None = None,
@@ -343,10 +350,11 @@ def make_sampler(
     ``sampler``: ``ddpm``, ``ddim`` (with ``eta``), ``dpm++2m``, ``dpm++3m`` or ``heun`` (with Karras et al.'s
     ``churn``). ``labels`` is ``[batch]`` int32 for a class-conditional model, or None. ``steps``: the respaced
     schedule's length (None: all T), spread by ``spacing`` (None: the sampler's own grid,
-    ``samplers.DEFAULT_SPACINGS``). With an ``edit``, ``init`` is the ``[batch, H, W, C]`` images in [-1, 1] to edit.
-    Each batch size compiles once.
+    ``samplers.DEFAULT_SPACINGS``). ``guidance``: classifier-free guidance w (None: ``pipe.guidance``). With an
+    ``edit``, ``init`` is the ``[batch, H, W, C]`` images in [-1, 1] to edit. Each batch size compiles once.
     """
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
+    guidance = pipe.guidance if guidance is None else guidance
     schedule = pipe.sampling_schedule(steps, spacing or samplers.DEFAULT_SPACINGS[sampler])
     conditional = pipe.num_classes is not None
     mesh = mesh or parallel.make_mesh()

@@ -245,6 +245,23 @@ def test_the_digits_metrics_rank_real_digits_above_damaged_ones(digits, tmp_path
     np.testing.assert_array_equal(again.mu, reference.mu)
 
 
+def test_conditional_accuracy_and_the_distance_per_class_judge_samples_against_their_labels(digits, tmp_path):
+    (_, _), (test_x, test_y), clf = digits
+    reference = evaluation.reference_stats(clf, DataConfig("digits", "train"), tmp_path)
+    per_class = evaluation.class_reference_stats(clf, DataConfig("digits", "train"), tmp_path)
+    assert sorted(per_class) == list(range(10)) and sum(st.num for st in per_class.values()) == 1500
+    right = evaluation.sample_quality(clf, test_x, reference, labels=test_y, class_reference=per_class)
+    assert right["cond_accuracy"] == pytest.approx(clf.accuracy(test_x, test_y))  # the requested class is the true one
+    wrong = evaluation.sample_quality(clf, test_x, reference, labels=(test_y + 1) % 10, class_reference=per_class)
+    assert wrong["cond_accuracy"] < 0.05 and wrong["fid"] == right["fid"]  # FID ignores the labels
+    # Each class's real digits sit closer to their own class than to the next one's.
+    for k in range(10):
+        assert right["fid_per_class"][k] < wrong["fid_per_class"][(k + 1) % 10], k
+    # The per-class statistics are cached and read back.
+    again = evaluation.class_reference_stats(clf, DataConfig("digits", "train"), tmp_path, log=pytest.fail)
+    np.testing.assert_array_equal(again[3].sigma, per_class[3].sigma)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bits/dim over a split
 

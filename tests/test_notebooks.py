@@ -61,6 +61,7 @@ def test_02_train_digits(tmp_path, subprocess_env):
     _, out = execute("02_train_digits.ipynb", subprocess_env, tmp_path)
     assert "step 10/10  loss" in out
     assert "Frechet distance" in out and "DDPM 100 steps" in out and "DDIM 10 steps" in out
+    assert "10 classes (null class 10), default guidance 0.5" in out and "accuracy" in out
 
 
 def test_03_offline_says_so_and_stops_cleanly(tmp_path, subprocess_env):

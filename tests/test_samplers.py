@@ -554,3 +554,12 @@ def test_sample_py_edits_given_images_with_sdedit_and_inpainting(tmp_path, subpr
     np.savez(tmp_path / "hole.npz", np.ones((4, 4), np.float32))
     hole = sample(f"--mask={tmp_path / 'hole.npz'}", out="hole")
     assert hole.returncode == 2 and "does not fit images" in hole.stderr, hole.stderr[-2000:]
+
+
+def test_sample_py_s_default_batch_fills_about_2_to_the_18_values():
+    from jaxdiff import commands
+
+    assert commands.batch_for((8, 8, 1)) == 4096  # 900 digits: one batch
+    assert commands.batch_for((32, 32, 3)) == 85
+    assert commands.batch_for((256, 256, 3)) == 1
+    assert commands.SampleRequest(workdir="w").batch_size is None

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jaxdiff import actions, experiment, logs, parallel, pipeline, training
-from jaxdiff.data import Batches, DataConfig, global_indices, load_split
+from jaxdiff.data import Batches, DataConfig, global_indices, load_split, num_classes
 from jaxdiff.models import UNetConfig, init_params, make_apply
 from jaxdiff.schedules import make_schedule
 from tests.helpers import ROOT, free_port, load_config, tiny_config
@@ -411,3 +412,67 @@ def test_a_conditional_run_logs_what_sample_py_computes(tmp_path):
     zeros = np.load(tmp_path / "o" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(zeros[0], drawn[0])
     assert all(np.any(zeros[i] != drawn[i]) for i in (1, 2, 3))
+
+
+class FourOfFiveDigits(tfds.core.GeneratorBasedBuilder):
+    """A test dataset that declares 5 classes while its train split holds labels 0..3 only (built offline)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Image(shape=(8, 8, 1)), "label": tfds.features.ClassLabel(num_classes=5)}
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(4), "test": self._generate_examples(5)}
+
+    def _generate_examples(self, classes):
+        rng = np.random.default_rng(classes)
+        for i in range(40):
+            yield i, {"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), "label": i % classes}
+
+
+def test_the_number_of_classes_comes_from_the_dataset_metadata_not_the_labels_seen(tmp_path):
+    config = tiny_config(tmp_path / "data", num_steps=1, eval_every=0, sample_every=0, checkpoint_every=1)
+    config.data.update(dataset="four_of_five_digits", download=True, class_conditional=True)
+    data = experiment.run_config(config).data
+    _, labels = load_split(data)
+    assert labels.max() + 1 == 4 and num_classes(data) == 5  # the train split lacks class 4
+    experiment.train_and_evaluate(config, tmp_path / "run")
+    pipe = pipeline.from_workdir(tmp_path / "run")
+    assert pipe.num_classes == 5 and pipe.null_class == 5  # the null class is one past the declared classes
+    assert num_classes(dataclasses.replace(data, label_key="nothing")) is None
+
+
+def test_label_dropout_replaces_the_configured_share_of_labels_by_the_null_class():
+    seen = []
+
+    def apply(params, x, t, labels, key):
+        jax.debug.callback(lambda y: seen.append(np.asarray(y)), labels)
+        return params["w"] * x
+
+    n, rate = 20_000, 0.1
+    objective = pipeline.DiffusionConfig(num_timesteps=10, label_dropout=rate)
+    opt = training.OptimConfig(total_steps=1, warmup_steps=0)
+    optimizer = training.make_optimizer(opt)
+    schedule = make_schedule("linear", 10)
+    step = training.make_train_step(apply, schedule, objective, optimizer, opt, seed=0, null_class=10)
+    state = training.init_train_state({"w": jnp.ones(())}, optimizer, 10)
+    labels = jnp.arange(n, dtype=jnp.int32) % 10
+    jax.jit(step)(state, {"image": jnp.zeros((n, 1, 1, 1)), "label": labels})
+    dropped = seen[-1] == 10
+    assert abs(dropped.sum() - n * rate) < 4 * np.sqrt(n * rate * (1 - rate))  # binomial: 4 standard deviations
+    np.testing.assert_array_equal(seen[-1][~dropped], np.asarray(labels)[~dropped])  # the others are untouched
+
+
+def test_guidance_needs_a_conditional_model_and_is_the_run_s_sampling_default(tmp_path):
+    config = load_config("digits")
+    config.sampling.guidance = 2.0
+    with pytest.raises(ValueError, match=r"class_conditional=True and config\.diffusion\.label_dropout > 0"):
+        experiment.run_config(config)
+    run = experiment.run_config(load_config("digits_cond"))
+    assert run.sampling.guidance == 0.5 and run.data.class_conditional and run.diffusion.label_dropout > 0
+    spec = pipeline.ModelSpec(run.network(1, 10), run.diffusion, True, run.data, run.sampling.guidance)
+    assert pipeline.ModelSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    older = {k: v for k, v in spec.to_json().items() if k != "guidance"}  # a checkpoint from before the field
+    assert pipeline.ModelSpec.from_json(older).guidance == 0.0

@@ -1,0 +1,22 @@
+"""The digits default, class-conditional: the label is an input, dropped 10% of the time so that the same network also
+learns the unconditional model, and classifier-free guidance (w = 0.5) sharpens the classes when sampling.
+
+    python train.py --config=configs/digits_cond.py --workdir=runs/digits_cond
+    python sample.py --workdir=runs/digits_cond --label=7 --guidance=2     # sevens
+    python sample.py --workdir=runs/digits_cond --eval=fid --num_samples=900 --sampler=ddim   # + conditional accuracy
+
+The null class (the "no label" input of the dropped labels and of guidance's second branch) is ``num_classes``: the
+network's label embedding has one row more than the dataset declares classes.
+"""
+
+from configs import digits
+
+
+def get_config():
+    config = digits.get_config()
+    config.data.class_conditional = True
+    config.diffusion.label_dropout = 0.1
+    # Measured over w in {0, 0.5, 1, 2, 4} (README): 0.5 draws the requested digit 99.7% of the time (94.9% at w = 0)
+    # with the lowest Frechet distance; larger w is as accurate but less diverse.
+    config.sampling.guidance = 0.5
+    return config
