@@ -46,16 +46,21 @@ class FeatureStats(NamedTuple):
     num: int
 
     def save(self, path: str | os.PathLike) -> None:
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, num=self.num)
-        tmp.replace(path)  # never a half-written cache file
+        _save_npz(path, mu=self.mu, sigma=self.sigma, num=self.num)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         with np.load(path) as f:
             return cls(f["mu"], f["sigma"], int(f["num"]))
+
+
+def _save_npz(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez`` through a temporary file and a rename: never a half-written cache file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def feature_stats(features: np.ndarray) -> FeatureStats:
@@ -129,8 +134,7 @@ def class_reference_stats(
     extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=log
 ) -> dict[int, FeatureStats]:
     """The feature statistics of each class of the split ``data`` (its labels), from the cache or computed once."""
-    name = f"{extractor.name}_{data.dataset}_{data.split}_{data.image_size}_per_class"
-    path = pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
+    path = _stats_path(extractor, data, directory, "_per_class")
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -145,11 +149,14 @@ def class_reference_stats(
     arrays = {"classes": np.asarray(sorted(stats))}
     for k, st in stats.items():
         arrays.update({f"mu_{k}": st.mu, f"sigma_{k}": st.sigma, f"num_{k}": np.asarray(st.num)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    _save_npz(path, **arrays)
     return stats
+
+
+def _stats_path(extractor, data: DataConfig, directory, suffix: str = "") -> pathlib.Path:
+    """``<directory or cache_dir()>/fid_stats/<extractor>_<dataset>_<split>_<size><suffix>.npz``, made file-safe."""
+    name = f"{extractor.name}_{data.dataset}_{data.split}_{data.image_size}{suffix}"
+    return pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
 
 
 def cache_dir() -> pathlib.Path:
@@ -163,8 +170,7 @@ def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | 
 
     The cache file, ``<directory>/fid_stats/<extractor>_<dataset>_<split>_<size>.npz``, is written atomically.
     """
-    name = f"{extractor.name}_{data.dataset}_{data.split}_{data.image_size}"
-    path = pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
+    path = _stats_path(extractor, data, directory)
     if path.is_file():
         try:
             return FeatureStats.load(path)

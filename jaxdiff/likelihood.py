@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn
-from jaxdiff.schedules import Schedule, log_sigmas, timestep_at
+from jaxdiff.samplers import predictions_between_steps
+from jaxdiff.schedules import Schedule, log_sigmas
 
 DIVERGENCES = ("exact", "hutchinson", "auto")
 EXACT_UP_TO = 16  # "auto": exact up to this many dimensions. It costs D JVPs per evaluation: 64x for 8x8 digits
@@ -51,18 +52,6 @@ class ODELikelihood(NamedTuple):
     prior: jax.Array
     delta: jax.Array
     num_steps: jax.Array
-
-
-def _eps_fn(schedule: Schedule, model_fn: ModelFn, prediction: str, variance: str):
-    """eps(x, u) of the network at level u = log sigma (between the schedule's steps too)."""
-
-    def eps(x, u):
-        abar = jax.nn.sigmoid(-2.0 * u)  # 1 / (1 + sigma^2)
-        t = jnp.full((x.shape[0],), timestep_at(schedule, u))
-        pred, _ = diffusion.split_model_output(model_fn(x, t), x, variance)
-        return diffusion.x0_and_eps_at(abar, x, pred, prediction)[1]
-
-    return eps
 
 
 def ode_log_likelihood(
@@ -98,7 +87,7 @@ def ode_log_likelihood(
     exact = divergence == "exact" or (divergence == "auto" and dims <= EXACT_UP_TO)
     if not exact and key is None:
         raise ValueError("The Hutchinson divergence needs a key for its probes: pass key=jax.random.key(seed).")
-    eps = _eps_fn(schedule, model_fn, prediction, variance)
+    eps = lambda x, u: predictions_between_steps(schedule, model_fn, x, u, prediction=prediction, variance=variance)[1]
     levels = log_sigmas(schedule)
     u0, u1 = levels[0], levels[-1]
     batch = x.shape[0]

@@ -313,13 +313,30 @@ def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
     return jnp.clip(x0, -s, s) / s
 
 
+def predictions_between_steps(
+    schedule: Schedule, model_fn: ModelFn, x: jax.Array, log_sigma: jax.Array, *, prediction: str, variance: str
+) -> tuple[jax.Array, jax.Array]:
+    """(x_0, eps) of the network at noise level ``log_sigma`` (a scalar; sigma = sqrt((1 - abar) / abar)), which may
+    lie between the schedule's steps: the network is called with the level's fractional timestep
+    (:func:`jaxdiff.schedules.timestep_at`). For solvers that leave the grid (Heun's churn, the likelihood ODE)."""
+    alpha_bar = jax.nn.sigmoid(-2.0 * log_sigma)  # 1 / (1 + sigma^2)
+    out = model_fn(x, jnp.full((x.shape[0],), timestep_at(schedule, log_sigma)))
+    pred, _ = diffusion.split_model_output(out, x, variance)
+    return diffusion.x0_and_eps_at(alpha_bar, x, pred, prediction)
+
+
+def _finish_x0(pred_x0: jax.Array, clip_x0: bool, thresholding: float | None) -> jax.Array:
+    """An x_0 prediction dynamically thresholded at ``thresholding``, else clipped to [-1, 1] if ``clip_x0``."""
+    if thresholding is not None:
+        return dynamic_threshold(pred_x0, thresholding)
+    return jnp.clip(pred_x0, -1.0, 1.0) if clip_x0 else pred_x0
+
+
 def _data_prediction(schedule, model_fn, x, t, prediction, variance, clip_x0, thresholding):
     """The network's x_0 at (x, index t): clipped to [-1, 1] (``clip_x0``) or dynamically thresholded."""
     t_batch = jnp.full((x.shape[0],), t, jnp.int32)
-    pred_x0, _ = _model_prediction(
-        schedule, model_fn, x, t_batch, prediction, variance, clip_x0 and thresholding is None
-    )
-    return pred_x0 if thresholding is None else dynamic_threshold(pred_x0, thresholding)
+    pred_x0, _ = _model_prediction(schedule, model_fn, x, t_batch, prediction, variance, False)
+    return _finish_x0(pred_x0, clip_x0, thresholding)
 
 
 def _phi2(h: jax.Array) -> jax.Array:
@@ -440,14 +457,10 @@ def heun_sample(
 
     def denoise_between(x_tilde, sigma):
         """D at a level off the grid: the network at the fractional timestep of sigma."""
-        abar = 1.0 / (1.0 + sigma**2)
-        x = x_tilde * jnp.sqrt(abar)
-        out = model_fn(x, jnp.full((x.shape[0],), timestep_at(schedule, jnp.log(sigma))))
-        pred, _ = diffusion.split_model_output(out, x, variance)
-        pred_x0, _ = diffusion.x0_and_eps_at(abar, x, pred, prediction)
-        if thresholding is not None:
-            return dynamic_threshold(pred_x0, thresholding)
-        return jnp.clip(pred_x0, -1.0, 1.0) if clip_x0 else pred_x0
+        x = x_tilde * jax.lax.rsqrt(1.0 + sigma**2)
+        kinds = {"prediction": prediction, "variance": variance}
+        pred_x0, _ = predictions_between_steps(schedule, model_fn, x, jnp.log(sigma), **kinds)
+        return _finish_x0(pred_x0, clip_x0, thresholding)
 
     def step(x, t):
         abar, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
