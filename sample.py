@@ -26,7 +26,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxdiff.xla_flags import use_fast_cpu_convolutions
+from jaxdiff.xla_flags import use_compilation_cache, use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
 
@@ -84,11 +84,18 @@ flags.DEFINE_enum("features", "auto", ["auto", "inception", "digits"], "--eval=f
 flags.DEFINE_string("inception_weights", None, "--eval=fid: the Inception weights file (default: ~/.cache/jaxdiff).")
 flags.DEFINE_enum("resize", "tf1", ["tf1", "half_pixel"], "--eval=fid: the resize to 299 (TF-GAN's or pytorch-fid's).")
 flags.DEFINE_string("samples", None, "--eval=fid: judge the images of this samples.npz (arr_0) instead of sampling.")
+flags.DEFINE_string(
+    "compilation_cache",
+    "auto",
+    "Where compiled programs are kept for the next run ('auto': $JAX_COMPILATION_CACHE_DIR or ~/.cache/jaxdiff/xla; "
+    "'' turns it off).",
+)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # the libraries' INFO chatter; sampling prints its own lines
+    use_compilation_cache(flags.FLAGS.compilation_cache)
     from jaxdiff import commands
 
     fields = [f.name for f in dataclasses.fields(commands.SampleRequest)]

@@ -30,6 +30,7 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.logs import log
+from jaxdiff.xla_flags import jaxdiff_cache_dir
 
 TERMS = ("total", "prior", "denoising", "reconstruction")
 
@@ -161,8 +162,7 @@ def _stats_path(extractor, data: DataConfig, directory, suffix: str = "") -> pat
 
 def cache_dir() -> pathlib.Path:
     """``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``: cached reference statistics (and the Inception weights)."""
-    env = os.environ.get("JAXDIFF_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jaxdiff"
+    return jaxdiff_cache_dir()
 
 
 def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | None = None, log=log) -> FeatureStats:

@@ -1,10 +1,12 @@
-"""XLA settings for the CPU backend, set through ``XLA_FLAGS`` before the first computation.
+"""XLA settings made at an entry point's start: the CPU backend's ``XLA_FLAGS``, and the persistent compilation cache.
 
 XLA reads ``XLA_FLAGS`` when its backend starts (the first computation or device query), not at ``import jax``, so
-calling :func:`use_fast_cpu_convolutions` at the top of an entry point is enough.
+calling :func:`use_fast_cpu_convolutions` at the top of an entry point is enough. :func:`use_compilation_cache` must
+come before the first compile.
 """
 
 import os
+import pathlib
 
 FAST_CPU_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
@@ -18,3 +20,29 @@ def use_fast_cpu_convolutions() -> None:
     name = FAST_CPU_CONVOLUTIONS.split("=")[0]
     if name not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CPU_CONVOLUTIONS}".strip()
+
+
+def jaxdiff_cache_dir() -> pathlib.Path:
+    """``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``: compiled programs, reference statistics, the Inception weights."""
+    env = os.environ.get("JAXDIFF_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jaxdiff"
+
+
+def use_compilation_cache(directory: str | None = "auto") -> str | None:
+    """Keep XLA's compiled programs on disk, so that a resumed run or the next ``sample.py`` skips compiling them.
+
+    ``directory``: ``"auto"`` is ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``jaxdiff_cache_dir() / "xla"``; ``""`` or
+    None turns the cache off. Programs are stored when they took at least JAX's
+    ``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile; the key covers the program, the
+    devices, the JAX/XLA versions and ``XLA_FLAGS``, so a changed setting compiles afresh. Returns the directory used.
+    """
+    import jax
+
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    if directory == "auto":
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(jaxdiff_cache_dir() / "xla")
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory

@@ -1,5 +1,6 @@
 """The project's promises to a new user: the README's commands are what CI runs, and its example runs."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -62,3 +63,33 @@ def test_the_import_check_sees_what_the_upper_floors_load():
     import jaxdiff
 
     assert jaxdiff.UNet.__module__ == "jaxdiff.models.unet" and jaxdiff.Pipeline.__module__ == "jaxdiff.pipeline"
+
+
+_CACHE_PROBE = """
+import sys
+import jax
+import jax.numpy as jnp
+from jaxdiff.xla_flags import use_compilation_cache
+
+use_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).sum()), len(hits))
+"""
+
+
+def test_the_compilation_cache_lets_the_next_process_skip_compiling(tmp_path):
+    """What train.py/sample.py set at start: the second process with the same program loads it from the cache
+    directory instead of compiling; '' turns the cache off (nothing written, nothing read)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    run = lambda directory: subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, directory], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    cache = tmp_path / "xla"
+    first, second = run(str(cache)), run(str(cache))
+    assert first[0] == second[0]  # the same result
+    assert first[1] == "0" and int(second[1]) >= 1  # compiled, then loaded
+    assert any(cache.iterdir())
+    off = run("")
+    assert off[0] == first[0] and off[1] == "0"

@@ -310,7 +310,12 @@ def init_params(config: UNetConfig, key: Array, batch_size: int = 1) -> dict:
     """The network's float32 parameters for ``config``: ``{'params': ...}`` ready for ``UNet(config).apply``."""
     x = jnp.zeros((batch_size, config.image_size, config.image_size, config.in_channels), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.int32)
-    return jax.jit(UNet(config).init)(key, x, t)
+    if isinstance(key, jax.core.Tracer):  # inside a trace (eval_shape, jit): the caller compiles
+        return UNet(config).init(key, x, t)
+    # Initialisation runs once and costs nothing to run; compiling it is the cost (one fusion per random draw and per
+    # key derivation). XLA's lowest backend optimisation level compiles it ~2.4x faster, with the same values.
+    init = jax.jit(UNet(config).init, compiler_options={"xla_backend_optimization_level": 0})
+    return init(key, x, t)
 
 
 def count_params(params) -> int:
