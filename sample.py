@@ -2,6 +2,7 @@
 
     python sample.py --workdir=runs/digits --num_samples=64 [--sampler=ddim --steps=50 --eta=0]
     python sample.py --checkpoint=path/to/ddpm-cifar10-32 --num_samples=50000 --batch_size=500 --out=fid/samples
+    python sample.py --checkpoint=diffusion_cifar10_model/model.ckpt-790000 [--noema]   # the paper's TF1 release
 
 Writes under --out: grid.png, images/000000.png ..., and samples.npz (uint8 [N, H, W, C] under arr_0).
 
@@ -35,7 +36,16 @@ flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step to use (
 flags.DEFINE_string(
     "checkpoint",
     None,
-    "An imported DDPM model: a diffusers UNet2DModel or pipeline folder (or a hub repo id with --download).",
+    "An imported DDPM model: a TF1 checkpoint of Ho et al.'s release (.../model.ckpt-790000), a state dict file of "
+    "its PyTorch port, or a diffusers UNet2DModel or pipeline folder (or a hub repo id with --download).",
+)
+flags.DEFINE_bool(
+    "ema",
+    True,
+    "--checkpoint of Ho et al.'s TF1 release: its EMA shadows (the paper's weights); --noema: the raw weights.",
+)
+flags.DEFINE_integer(
+    "image_size", None, "--checkpoint of the DDPM release with an architecture none of the published ones: its size."
 )
 flags.DEFINE_integer("num_samples", 64, "How many images.")
 flags.DEFINE_integer(
@@ -83,6 +93,12 @@ flags.DEFINE_string("data_dir", None, "--eval: the TFDS data directory (default:
 flags.DEFINE_enum("features", "auto", ["auto", "inception", "digits"], "--eval=fid: auto is digits for digits.")
 flags.DEFINE_string("inception_weights", None, "--eval=fid: the Inception weights file (default: ~/.cache/jaxdiff).")
 flags.DEFINE_enum("resize", "tf1", ["tf1", "half_pixel"], "--eval=fid: the resize to 299 (TF-GAN's or pytorch-fid's).")
+flags.DEFINE_string(
+    "reference_stats",
+    None,
+    "--eval=fid: a precomputed .npz of the reference features' mu and sigma (default: the split's, computed once and "
+    "cached).",
+)
 flags.DEFINE_string("samples", None, "--eval=fid: judge the images of this samples.npz (arr_0) instead of sampling.")
 flags.DEFINE_string(
     "compilation_cache",

@@ -45,6 +45,8 @@ class SampleRequest:
     workdir: str | None = None
     step: int | None = None
     checkpoint: str | None = None
+    ema: bool = True  # --checkpoint of the TF1 release: its EMA shadows, or the raw weights
+    image_size: int | None = None  # --checkpoint of the release with an unpublished architecture
     num_samples: int = 64
     batch_size: int | None = None  # None: batch_for(), by image size
     sampler: str = "ddpm"
@@ -71,6 +73,7 @@ class SampleRequest:
     inception_weights: str | None = None
     resize: str = "tf1"
     samples: str | None = None
+    reference_stats: str | None = None  # --eval=fid: a precomputed .npz (mu, sigma) instead of the cached split's
     eval_images: int | None = None
     divergence: str = "auto"
     tolerance: float = 1e-5
@@ -78,8 +81,12 @@ class SampleRequest:
     def __post_init__(self):
         if (self.workdir is None) == (self.checkpoint is None):
             raise ValueError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
+        if self.workdir is not None and (not self.ema or self.image_size is not None):
+            raise ValueError("--noema and --image_size apply to --checkpoint; a --workdir samples its EMA parameters.")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}.")
+        if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
+            raise ValueError("--samples and --reference_stats are for --eval=fid; add --eval=fid.")
         if self.samples is not None and self.eval != "fid":
             raise ValueError("--samples is the images to judge with --eval=fid; add --eval=fid.")
         if self.eval is not None and self.eval not in EVALS:
@@ -118,7 +125,7 @@ def sample(request: SampleRequest) -> int:
         if request.workdir is not None:
             pipe = pipeline.from_workdir(request.workdir, request.step)
         else:
-            pipe = pipeline.from_diffusers(request.checkpoint, download=request.download)
+            pipe = pipeline.from_checkpoint(request.checkpoint, request.download, request.ema, request.image_size)
         r = request
         edit = r.edit(pipe)
         pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
@@ -138,7 +145,9 @@ def sample(request: SampleRequest) -> int:
     if request.eval == "fid":
         # Drawn by a class-conditional model: each image's requested class (--label, or the classes in turn).
         labels = pipeline.labels_for(len(drawn), pipe.num_classes, request.label) if given is None else None
-        report_fid(extractor, reference, drawn, request.out_dir, labels, per_class)
+        split = request.split or "train"
+        reference_name = request.reference_stats or f"{extractor.name} statistics of the {split} split"
+        report_fid(extractor, reference, drawn, request.out_dir, labels, per_class, reference_name)
     return 0
 
 
@@ -278,12 +287,19 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
 
 
 def fid_reference(pipe: Pipeline, request: SampleRequest):
-    """The feature extractor, the cached statistics of the reference split (default: train), and for a conditional
-    model judged by a classifier of the dataset's classes, each class's statistics (else None)."""
-    data = data_for(pipe, request, request.split or "train")
+    """The feature extractor, the statistics of the reference (``--reference_stats``, else the split's, by default
+    train's, computed once and cached), and for a conditional model judged by a classifier of the dataset's classes,
+    each class's statistics (else None)."""
+    precomputed = request.reference_stats is not None  # a precomputed .npz: the dataset is not read
+    if precomputed and pipe.data is None and request.dataset is None:  # an imported model: the FID Inception
+        data = DataConfig(dataset="(precomputed statistics)", image_size=pipe.image_shape[0])
+    else:
+        data = data_for(pipe, request, request.split or "train")
     extractor = features.make_extractor(
         request.features, data, request.inception_weights, request.download, request.resize, request.batch_size or 100
     )
+    if precomputed:
+        return extractor, evaluation.load_precomputed_stats(request.reference_stats, extractor.dim), None
     per_class = None
     if pipe.num_classes is not None and extractor.classifies and request.samples is None:
         per_class = evaluation.class_reference_stats(extractor, data, log=log)
@@ -302,11 +318,14 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     return loaded
 
 
-def report_fid(extractor, reference, judged: np.ndarray, out: pathlib.Path, labels=None, per_class=None) -> None:
-    """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``;
-    for class-conditional samples (``labels``) also the conditional accuracy and the distance per class."""
+def report_fid(
+    extractor, reference, judged: np.ndarray, out: pathlib.Path, labels=None, per_class=None, reference_name=""
+) -> None:
+    """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``,
+    with which reference statistics were used; for class-conditional samples (``labels``) also the conditional
+    accuracy and the distance per class."""
     result = evaluation.sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
-    result.update(features=extractor.name, reference_num=reference.num)
+    result.update(features=extractor.name, reference=reference_name, reference_num=reference.num)
     if is_main_process():
         path = out / "fid.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,5 +335,6 @@ def report_fid(extractor, reference, judged: np.ndarray, out: pathlib.Path, labe
             score += f", conditional accuracy {result['cond_accuracy']:.3f}"
         log(
             f"FID {result['fid']:.4f}{score} ({extractor.name} features, {len(judged)} samples against "
-            f"{reference.num} reference images); written to {path}."
+            f"{reference_name or 'the reference'}, {reference.num or 'an unknown number of'} images); "
+            f"written to {path}."
         )

@@ -55,6 +55,29 @@ class FeatureStats(NamedTuple):
             return cls(f["mu"], f["sigma"], int(f["num"]))
 
 
+def load_precomputed_stats(path: str | os.PathLike, dim: int | None = None) -> FeatureStats:
+    """Reference statistics from a standard precomputed ``.npz`` with ``mu [D]`` and ``sigma [D, D]`` (as written by
+    TTUR's and pytorch-fid's tools, or :meth:`FeatureStats.save`). ``num`` is read when the file has it, else 0.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the arrays are missing, mis-shaped, or not of ``dim`` features (the extractor's).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No reference statistics file {path}.")
+    try:
+        with np.load(path) as f:
+            mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+            num = int(f["num"]) if "num" in f.files else 0
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not an .npz with 'mu' and 'sigma' ({e}).") from e
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
+    if dim is not None and mu.size != dim:
+        raise ValueError(f"{path} holds statistics of {mu.size} features; the extractor gives {dim}.")
+    return FeatureStats(mu, sigma, num)
+
+
 def _save_npz(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` through a temporary file and a rename: never a half-written cache file."""
     path = pathlib.Path(path)

@@ -53,8 +53,9 @@ def resize_bilinear(images: jax.Array, size: int, half_pixel: bool = False) -> j
 
 
 def _run_batches(fn: Callable, images: np.ndarray, batch_size: int, mesh, progress=None) -> list[np.ndarray]:
-    """``fn`` over ``images`` in batches of ``batch_size`` (the last one padded, so there is one compile)."""
-    batch_size = round_up_batch(batch_size, mesh)  # a whole number of images per device
+    """``fn`` over ``images`` in batches of ``batch_size``, or of all of them if fewer (the last batch padded, so there
+    is one compile)."""
+    batch_size = round_up_batch(max(1, min(batch_size, len(images))), mesh)  # a whole number of images per device
     outs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]

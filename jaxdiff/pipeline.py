@@ -10,7 +10,9 @@ It is built in one place from each source:
 * :func:`from_spec` -- a :class:`ModelSpec` (network, diffusion, clip, data) and parameters: a training run's, in
   memory;
 * :func:`from_workdir` -- the newest readable checkpoint of a run (its stored spec and EMA parameters);
-* :func:`from_diffusers` -- a diffusers UNet2DModel folder or hub id with its scheduler config.
+* :func:`from_diffusers` -- a diffusers UNet2DModel folder or hub id with its scheduler config;
+* :func:`from_release` -- the DDPM authors' TF1 checkpoints (EMA or raw weights) and the PyTorch port's files;
+  :func:`from_checkpoint` picks between the imports by what the path holds.
 
 Training-time grids, bits/dim and FID, ``sample.py`` and the notebooks all go through the same functions:
 :func:`make_sampler` + :func:`generate` for images (batch i drawn from ``fold_in(key(seed), i)``, split over the
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -254,6 +257,41 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
     )
     spec = ModelSpec(network, process, clip_x0=bool(settings.get("clip_sample", True)))
     return from_spec(spec, params, str(path))
+
+
+# DDPM's forward process (Ho et al. 2020, section 4): linear betas 1e-4 .. 0.02 over T = 1000 steps, eps prediction.
+DDPM_PROCESS = dict(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
+
+
+def from_release(path: str | os.PathLike, ema: bool = True, image_size: int | None = None) -> Pipeline:
+    """A model of the DDPM authors' release: a TF1 checkpoint (``.../model.ckpt-790000``; its EMA shadows, or with
+    ``ema=False`` the raw weights) or the PyTorch port's state dict file (:func:`jaxdiff.models.release.load_release`).
+
+    DDPM's chain (linear betas 1e-4 .. 0.02, T = 1000, eps prediction, clipping); the published CIFAR-10 model
+    samples with ``fixed_large``, the 256x256 ones with ``fixed_small``. The CIFAR-10 model's data is CIFAR-10 (so
+    ``--eval`` needs no ``--dataset``).
+    """
+    from jaxdiff.models.release import load_release
+
+    params, network, variance, name, weights = load_release(path, ema, image_size)
+    data = DataConfig(dataset="cifar10", image_size=32) if name == "cifar10" else None
+    spec = ModelSpec(network, DiffusionConfig(**DDPM_PROCESS, variance=variance), clip_x0=True, data=data)
+    return from_spec(spec, params, f"{path} ({weights} weights, {name} architecture)")
+
+
+def from_checkpoint(
+    path: str | os.PathLike, download: bool = False, ema: bool = True, image_size: int | None = None
+) -> Pipeline:
+    """An imported model, whatever its format: Ho et al.'s TF1 checkpoint or the PyTorch port's file
+    (:func:`from_release`), else a diffusers folder or hub id (:func:`from_diffusers`)."""
+    from jaxdiff.models.release import is_tf1_checkpoint
+
+    local = pathlib.Path(path).expanduser()
+    if is_tf1_checkpoint(local) or local.is_file():
+        return from_release(local, ema, image_size)
+    if not ema:
+        raise ValueError(f"{path}: only a TF1 checkpoint holds raw and EMA weights side by side; drop --noema.")
+    return from_diffusers(path, download)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

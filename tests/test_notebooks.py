@@ -68,7 +68,7 @@ def test_03_offline_says_so_and_stops_cleanly(tmp_path, subprocess_env):
     notebook, out = execute("03_pretrained_ddpm.ipynb", subprocess_env, tmp_path)
     assert "Cannot load google/ddpm-cifar10-32" in out and "Offline, it stops here" in out
     load = next(
-        i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code" and "from_diffusers(" in cell.source
+        i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code" and "from_checkpoint(" in cell.source
     )
     later = [cell for cell in notebook.cells[load + 1 :] if cell.cell_type == "code"]
     assert later and all(cell.outputs == [] for cell in later)  # the cells after the load did nothing
@@ -93,6 +93,7 @@ def test_03_samples_and_compares_a_local_copy(tmp_path, subprocess_env):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     _, out = execute("03_pretrained_ddpm.ipynb", {**subprocess_env, "JAXDIFF_DDPM_CIFAR10": str(folder)}, tmp_path)
     assert "Cannot load" not in out
+    assert "These are NOT the paper's EMA weights" in out  # a diffusers folder: it says which weights it shows
     assert "T = 1000, betas 1.0e-04 .. 0.02," in out and "fixed_large variance" in out
     for name in ("DDPM, 1000 steps", "DDIM, 100 steps", "DDIM, 50 steps"):
         assert f"{name}: " in out and "s for 2 images" in out
