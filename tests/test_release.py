@@ -285,6 +285,10 @@ def test_a_state_dict_file_of_the_port_loads_through_sample_py(small_release, tm
         np.asarray(tf1.apply_fn(tf1.params, jnp.asarray(x), jnp.asarray(t), None)),
     )
     assert "PyTorch port" in port.source
+    legacy = tmp_path / "legacy.ckpt"  # the format of torch.save before 1.6
+    torch.save({"conv_in.weight": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"legacy \(pre-1.6\) format.*torch.save\(torch.load\(old\), new\)"):
+        pipeline.from_checkpoint(legacy, image_size=8)
     request = commands.SampleRequest(
         checkpoint=str(path),
         image_size=8,

@@ -107,6 +107,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such file: {path}")
+    with open(path, "rb") as f:
+        if f.read(1) == b"\x80" and not zipfile.is_zipfile(path):  # a bare pickle stream: torch.save before 1.6
+            raise ValueError(
+                f"{path} is in PyTorch's legacy (pre-1.6) format, which jaxdiff does not read (reading it safely needs "
+                "its storages' layout). Re-save it once as a zip file: `torch.save(torch.load(old), new)`."
+            )
     try:
         with zipfile.ZipFile(path) as archive:
             pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
