@@ -143,11 +143,8 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: U
     Raises:
       ValueError: listing the missing keys, the unexpected keys and the shape mismatches, if any.
     """
-    x = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
-    target = jax.eval_shape(UNet(config).init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    flat_target = traverse_util.flatten_dict(target)
     used, missing, mismatched, out = set(), [], [], {}
-    for path, spec in flat_target.items():
+    for path, spec in param_shapes(config).items():
         names = [n for n in _source_names(path) if n in state_dict]
         if not names:
             missing.append((_source_names(path) or [".".join(path)])[0])
@@ -165,15 +162,28 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: U
             mismatched.append(f"{name}: checkpoint {tuple(array.shape)} vs model {tuple(spec.shape)}")
             continue
         out[path] = jnp.asarray(array)
-    unexpected = sorted(set(state_dict) - used)
+    check_all_matched(
+        missing, sorted(set(state_dict) - used), mismatched, "The checkpoint does not match the UNet config."
+    )
+    return {"params": traverse_util.unflatten_dict(out)}
+
+
+def param_shapes(config: UNetConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The shape of every parameter of ``UNet(config)``, by path (module, [layer,] leaf); nothing computed."""
+    x = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
+    target = jax.eval_shape(UNet(config).init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+    return traverse_util.flatten_dict(target)
+
+
+def check_all_matched(missing: list[str], unexpected: list[str], mismatched: list[str], header: str) -> None:
+    """Raise ``ValueError(header + ...)`` naming the missing, unexpected and mis-shaped weights (12 of each at most)."""
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"{label}: {shown}")
-        raise ValueError("The checkpoint does not match the UNet config. " + "; ".join(parts) + ".")
-    return {"params": traverse_util.unflatten_dict(out)}
+        raise ValueError(f"{header} " + "; ".join(parts) + ".")
 
 
 def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -30,12 +30,12 @@ import pathlib
 import re
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxdiff.models.unet import UNet, UNetConfig
+from jaxdiff.models.convert import check_all_matched, param_shapes
+from jaxdiff.models.unet import UNetConfig
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 # Training state beside the weights: Adam's slots and the counters. Skipped by name.
@@ -189,11 +189,9 @@ def convert_release_weights(weights: Mapping[str, np.ndarray], config: UNetConfi
     Raises:
       ValueError: listing the missing, unexpected and mis-shaped variables, if any.
     """
-    x = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
-    target = jax.eval_shape(UNet(config).init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
     levels = len(config.ch_mult)
     out, missing, mismatched, used = {}, [], [], set()
-    for path, spec in traverse_util.flatten_dict(target).items():
+    for path, spec in param_shapes(config).items():
         name = release_name(path, levels)
         if name is None or name not in weights:
             missing.append(name or "/".join(path))
@@ -206,14 +204,8 @@ def convert_release_weights(weights: Mapping[str, np.ndarray], config: UNetConfi
             mismatched.append(f"{name}: checkpoint {tuple(array.shape)} vs model {tuple(spec.shape)}")
             continue
         out[path] = jnp.asarray(array)
-    unexpected = sorted(set(weights) - used)
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-            if items:
-                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-                parts.append(f"{label}: {shown}")
-        raise ValueError("The checkpoint does not match the UNet it describes. " + "; ".join(parts) + ".")
+    header = "The checkpoint does not match the UNet it describes."
+    check_all_matched(missing, sorted(set(weights) - used), mismatched, header)
     return {"params": traverse_util.unflatten_dict(out)}
 
 
