@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
-    c.optim.grad_accum_steps = 1
+    c.optim.grad_accum_steps = 1  # each step's gradient in k sequential micro-batches: less memory, the same update
     c.optim.ema_decay = 0.9999
     c.optim.ema_warmup = False
 

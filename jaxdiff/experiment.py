@@ -130,6 +130,12 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
             "config.sampling.guidance needs a class-conditional model that also learned the unconditional one: set "
             "config.data.class_conditional=True and config.diffusion.label_dropout > 0 (e.g. 0.1), or guidance=0."
         )
+    accum, batch = c["optim"].get("grad_accum_steps", 1), c["training"]["batch_size"]
+    if isinstance(accum, int) and accum >= 1 and batch % accum:
+        raise ValueError(
+            f"config.training.batch_size = {batch} (the batch of one optimizer update) does not split into "
+            f"config.optim.grad_accum_steps = {accum} micro-batches; make the batch a multiple of it."
+        )
     return RunConfig(
         seed=c["seed"],
         data=DataConfig(**c["data"]),

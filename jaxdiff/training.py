@@ -33,6 +33,10 @@ HISTORY = 10  # losses kept per timestep for importance sampling (improved DDPM)
 class OptimConfig:
     """Adam with linear warmup, global-norm clipping, optional decay and gradient accumulation; the EMA.
 
+    Every count is of optimizer updates (train steps): ``warmup_steps``, ``total_steps`` and the EMA's warmup.
+    ``grad_accum_steps = k`` computes each step's gradient over its batch in k sequential micro-batches (memory for
+    one micro-batch of activations), summed: the same update as the whole batch at once, up to float summation order.
+
     DDPM: lr 2e-4, warmup 5000 steps, clip 1.0, no decay, EMA 0.9999.
     """
 
@@ -75,15 +79,14 @@ def learning_rate(opt: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam(W) on :func:`learning_rate`, accumulated over ``grad_accum_steps`` if > 1."""
+    """Global-norm clipping, then Adam(W) on :func:`learning_rate` (gradient accumulation is the train step's)."""
     parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
     parts.append(
         optax.adamw(learning_rate(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
         if opt.weight_decay
         else optax.adam(learning_rate(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps)
     )
-    tx = optax.chain(*parts)
-    return optax.MultiSteps(tx, opt.grad_accum_steps) if opt.grad_accum_steps > 1 else tx
+    return optax.chain(*parts)
 
 
 @jax.tree_util.register_dataclass
@@ -147,13 +150,18 @@ def _record_losses(state: TrainState, t, losses):
     return jax.lax.fori_loop(0, t.shape[0], push, (state.loss_history, state.history_count))
 
 
-def _ema_update(ema, params, step: jax.Array, opt: OptimConfig, updated):
-    """ema <- decay * ema + (1 - decay) * params where the optimizer updated the parameters (else ema); with
-    ``ema_warmup`` the decay is min(ema_decay, (1 + step) / (10 + step))."""
-    decay = opt.ema_decay
+def ema_decay_at(step: jax.Array, opt: OptimConfig) -> jax.Array | float:
+    """The EMA's decay at optimizer update ``step`` (0-based): ``ema_decay``, or with ``ema_warmup``
+    min(ema_decay, (1 + step) / (10 + step))."""
     if opt.ema_warmup:
-        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return jax.tree_util.tree_map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e), ema, params)
+        return jnp.minimum(opt.ema_decay, (1.0 + step) / (10.0 + step))
+    return opt.ema_decay
+
+
+def _ema_update(ema, params, step: jax.Array, opt: OptimConfig):
+    """ema <- decay * ema + (1 - decay) * params, once per optimizer update."""
+    decay = ema_decay_at(step, opt)
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
 
 
 def _quarter_losses(losses: jax.Array, t: jax.Array, T: int) -> dict[str, jax.Array]:
@@ -177,7 +185,10 @@ def make_train_step(
     has a ``null_class``: the batch's labels go in, each replaced by the null class with probability
     ``objective.label_dropout``; an unconditional one (None) gets no labels.
 
-    ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Metrics (all
+    ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Its timesteps,
+    noise and label dropout are drawn for the whole batch; with ``opt.grad_accum_steps = k`` the gradient is then
+    summed over k micro-batches (examples i, i + k, i + 2k, ...: each device keeps its own rows) in a ``lax.scan``.
+    Dropout masks are drawn per micro-batch. Metrics (all
     scalars): ``loss``, ``loss_q0``..``loss_q3`` (the mean loss of the examples whose t lies in each quarter of
     [0, T); NaN when none does), ``grad_norm``, ``lr``, ``finite`` (1 if the loss and the gradients are finite; if
     not, the returned state is the input state, unchanged, and the caller must stop).
@@ -187,30 +198,55 @@ def make_train_step(
     lr_fn = learning_rate(opt)
     conditional = null_class is not None
 
-    def loss_fn(params, batch, key, t, weights):
-        x0 = batch["image"]
+    k = opt.grad_accum_steps
+
+    def draws(batch, key):
+        """The step's noise and (dropped) labels for the whole batch, and the key of its dropout masks."""
         noise_key, dropout_key, label_key = jax.random.split(key, 3)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        noise = jax.random.normal(noise_key, batch["image"].shape, batch["image"].dtype)
         labels = None
         if conditional:
             drop = jax.random.bernoulli(label_key, objective.label_dropout, batch["label"].shape)
             labels = jnp.where(drop, null_class, batch["label"])
+        return noise, labels, dropout_key
 
+    def loss_fn(params, x0, noise, labels, t, weights, dropout_key):
         model_fn = lambda x_t, timesteps: apply_fn(params, x_t, timesteps, labels, dropout_key)
         losses = diffusion.diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
         return jnp.mean(losses * weights), losses
+
+    def gradient(params, inputs, dropout_key):
+        """(mean loss, per-example losses [B]), grads of the mean, over the batch at once or in k micro-batches."""
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if k == 1:
+            return grad_fn(params, *inputs, dropout_key)
+        split = lambda x: None if x is None else jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        micro = jax.tree_util.tree_map(split, inputs)
+
+        def add(carry, part):
+            i, (x0, noise, labels, t, weights) = part
+            (loss, losses), grads = grad_fn(params, x0, noise, labels, t, weights, jax.random.fold_in(dropout_key, i))
+            total_loss, total_grads = carry
+            return (total_loss + loss / k, jax.tree_util.tree_map(lambda a, g: a + g / k, total_grads, grads)), losses
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+        (loss, grads), losses = jax.lax.scan(add, zero, (jnp.arange(k), micro))
+        return (loss, jnp.swapaxes(losses, 0, 1).reshape(-1)), grads  # losses back in the batch's order
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(base_key, state.step)
         t_key, loss_key = jax.random.split(key)
         batch_size = batch["image"].shape[0]
+        if batch_size % k:
+            raise ValueError(f"The batch of {batch_size} does not split into grad_accum_steps = {k} micro-batches.")
         t, weights = _draw_timesteps(t_key, state, batch_size, T, objective.t_sampling == "importance")
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, loss_key, t, weights)
+        noise, labels, dropout_key = draws(batch, loss_key)
+        inputs = (batch["image"], noise, labels, t, weights)
+        (loss, losses), grads = gradient(state.params, inputs, dropout_key)
         grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        updated = optax.MultiSteps.has_updated(opt_state) if opt.grad_accum_steps > 1 else True
-        ema = _ema_update(state.ema_params, params, state.step, opt, updated)
+        ema = _ema_update(state.ema_params, params, state.step, opt)
         history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
         new_state = TrainState(state.step + 1, params, ema, opt_state, history, count)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -219,7 +255,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": lr_fn(state.step // opt.grad_accum_steps),
+            "lr": lr_fn(state.step),
             "finite": finite.astype(jnp.float32),
             **_quarter_losses(losses, t, T),
         }
