@@ -238,23 +238,33 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
     from jaxdiff.models.convert import diffusers_folder, load_diffusers_unet
 
     folder = diffusers_folder(path, download)  # a download brings the scheduler config too
-    params, network = load_diffusers_unet(folder)
     settings = {}
     for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
             settings = json.loads(candidate.read_text())
             break
-    name = settings.get("beta_schedule", "linear")
-    if name not in _DIFFUSERS_SCHEDULES:
-        raise ValueError(f"The scheduler's beta_schedule {name!r} is not supported; supported: {_DIFFUSERS_SCHEDULES}.")
+    chosen = {}  # checked before any weight is read: a setting jaxdiff does not have is an error, never a default
+    for key, default, table in (
+        ("beta_schedule", "linear", _DIFFUSERS_SCHEDULES),
+        ("prediction_type", "epsilon", _DIFFUSERS_PREDICTIONS),
+        ("variance_type", "fixed_large", _DIFFUSERS_VARIANCES),
+    ):
+        value = settings.get(key, default)
+        if value not in table:
+            raise ValueError(
+                f"The scheduler's {key} {value!r} is not supported; supported: {sorted(table)}. Edit "
+                "scheduler_config.json only if the model was trained with one of them."
+            )
+        chosen[key] = table[value]
     process = DiffusionConfig(
         num_timesteps=int(settings.get("num_train_timesteps", 1000)),
-        beta_schedule=_DIFFUSERS_SCHEDULES[name],
+        beta_schedule=chosen["beta_schedule"],
         beta_start=settings.get("beta_start", 1e-4),
         beta_end=settings.get("beta_end", 0.02),
-        prediction=_DIFFUSERS_PREDICTIONS[settings.get("prediction_type", "epsilon")],
-        variance=_DIFFUSERS_VARIANCES.get(settings.get("variance_type", "fixed_large"), "fixed_large"),
+        prediction=chosen["prediction_type"],
+        variance=chosen["variance_type"],
     )
+    params, network = load_diffusers_unet(folder)
     spec = ModelSpec(network, process, clip_x0=bool(settings.get("clip_sample", True)))
     return from_spec(spec, params, str(path))
 

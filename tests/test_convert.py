@@ -221,3 +221,12 @@ def test_a_downloaded_repo_brings_its_scheduler_settings_and_one_kind_of_weights
                 "diffusion_pytorch_model.safetensors",
                 "diffusion_pytorch_model.bin",
             ]
+
+
+def test_a_scheduler_setting_jaxdiff_does_not_have_is_an_error_before_any_weight_is_read(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CIFAR10))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"not read")
+    for key, value in (("variance_type", "learned"), ("prediction_type", "flow"), ("beta_schedule", "sigmoid")):
+        (tmp_path / "scheduler_config.json").write_text(json.dumps({key: value}))
+        with pytest.raises(ValueError, match=rf"scheduler's {key} '{value}' is not supported; supported: \["):
+            pipeline.from_diffusers(tmp_path)

@@ -376,3 +376,23 @@ def test_precomputed_reference_statistics_are_read_and_checked(tmp_path):
         evaluation.load_precomputed_stats(tmp_path / "other.npz")
     with pytest.raises(FileNotFoundError, match="No reference statistics file"):
         evaluation.load_precomputed_stats(tmp_path / "missing.npz")
+
+
+def test_a_downloaded_inception_file_with_the_wrong_hash_is_deleted_not_used(tmp_path, monkeypatch):
+    target = tmp_path / "pt_inception.pth"
+    monkeypatch.setenv("JAXDIFF_INCEPTION", str(target))
+    fetched = []
+
+    def fake_download(url, path):  # what a tampered or truncated download would leave
+        fetched.append(url)
+        pathlib.Path(path).write_bytes(b"not the Inception weights")
+
+    monkeypatch.setattr(inception.urllib.request, "urlretrieve", fake_download)
+    with pytest.raises(ValueError, match=r"SHA-256 is [0-9a-f]{64}, not 6726825d\.\.\..*deleted"):
+        inception.load_inception(download=True)
+    assert fetched == [inception.PYTORCH_FID_URL]
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its partial download is left
+    good = tmp_path / "x.bin"
+    good.write_bytes(b"abc")  # sha256("abc") = ba7816bf...
+    inception.check_sha256_prefix(good, "ba7816bf")
+    assert good.is_file()

@@ -423,3 +423,31 @@ def test_the_ema_weights_on_disk_are_found_where_the_release_unpacks_them(small_
     found = release.local_release("cifar10")  # the TF1 release first (its EMA shadows); no 'checkpoint' file: newest
     assert found == folder / "model.ckpt-790000"
     assert "EMA weights" in pipeline.from_checkpoint(found, image_size=8).source
+
+
+def test_a_tensor_that_reads_past_its_storage_is_refused(tmp_path):
+    """A crafted .pth: its pickle asks for 64 floats of a 4-float storage (as_strided would read past the buffer)."""
+    import pickle
+    import zipfile
+
+    from jaxdiff.models import torch_files
+
+    storage = np.arange(4, dtype=np.float32)
+    with pytest.raises(pickle.UnpicklingError, match=r"reads element 63 of a storage of 4"):
+        torch_files._rebuild_tensor(storage, 0, (64,), (1,))
+    with pytest.raises(pickle.UnpicklingError, match="not a valid view"):
+        torch_files._rebuild_tensor(storage, 0, (2,), (-1,))
+    np.testing.assert_array_equal(torch_files._rebuild_tensor(storage, 1, (2, 1), (2, 1)), [[1.0], [3.0]])
+
+    # The pickle torch.save would write for {"w": a tensor of 64 floats at storage "0"}, by its opcodes; the storage
+    # holds 4 floats.
+    text = lambda s: b"X" + len(s).to_bytes(4, "little") + s.encode()
+    pid = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"K\x04tQ"
+    args = b"(" + pid + b"K\x00" + b"K@\x85" + b"K\x01\x85" + b"\x89N" + b"t"
+    data = b"\x80\x02}" + text("w") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/data/0", storage.tobytes())
+    with pytest.raises(ValueError, match="reads element 63 of a storage of 4"):
+        torch_files.read_tensors(path)

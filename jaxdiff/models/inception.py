@@ -14,6 +14,7 @@ Weights come from one of the standard files (no PyTorch needed to read them, see
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import urllib.request
@@ -31,6 +32,7 @@ PYTORCH_FID_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_SHA256_PREFIX = "6726825d"  # PyTorch hub's convention: the name ends with the start of the file's SHA-256
 _BN_EPS = 1e-3
 
 
@@ -319,6 +321,20 @@ def _paths(tree) -> list[str]:
     return ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def check_sha256_prefix(path: pathlib.Path, prefix: str) -> None:
+    """Raise ValueError (and delete ``path``) unless the SHA-256 of the file at ``path`` starts with ``prefix``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        path.unlink()
+        raise ValueError(
+            f"The downloaded file's SHA-256 is {digest.hexdigest()}, not {prefix}...: it is not pytorch-fid's "
+            f"Inception (deleted). Fetch {PYTORCH_FID_URL} by hand and check it."
+        )
+
+
 def load_inception(path: str | os.PathLike | None = None, download: bool = False) -> dict:
     """The FID Inception parameters from ``path`` (default: :func:`default_weights_path`).
 
@@ -331,6 +347,7 @@ def load_inception(path: str | os.PathLike | None = None, download: bool = False
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".part")
             urllib.request.urlretrieve(PYTORCH_FID_URL, partial)
+            check_sha256_prefix(partial, WEIGHTS_SHA256_PREFIX)  # a bad download never takes the file's place
             partial.rename(path)
         else:
             raise FileNotFoundError(

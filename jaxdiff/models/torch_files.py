@@ -40,7 +40,20 @@ class _ScriptObject:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    """The tensor ``size``/``stride`` views in ``storage`` from ``offset``, copied; refused if the view would reach
+    outside the storage (a crafted or corrupt file: ``as_strided`` itself checks nothing)."""
     itemsize = storage.dtype.itemsize
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
+        raise pickle.UnpicklingError(f"A tensor with size {size}, stride {stride}, offset {offset}: not a valid view.")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))  # the furthest element read
+    if last >= len(storage):
+        raise pickle.UnpicklingError(
+            f"A tensor of size {size} (stride {stride}, offset {offset}) reads element {last} of a storage of "
+            f"{len(storage)}: the file is corrupt or crafted."
+        )
     if not size:
         return storage[offset].copy()
     view = np.lib.stride_tricks.as_strided(
