@@ -40,3 +40,27 @@ def subprocess_env(pytestconfig):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": MIN_COMPILE_SECS,
         "JAX_PLATFORMS": "cpu",
     }
+
+
+# CI installs PyTorch and diffusers for the cross-checks, so a torch test that skips there means a broken install, not
+# a missing extra: with JAXDIFF_REQUIRE_TORCH=1 (set by .ci/run) any skipped `torch` test fails the session.
+_skipped_torch_tests = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "torch" in report.keywords:  # under xdist, the workers' reports arrive here too
+        _skipped_torch_tests.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if (
+        os.environ.get("JAXDIFF_REQUIRE_TORCH") == "1"
+        and _skipped_torch_tests
+        and not hasattr(session.config, "workerinput")
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = "\n  ".join(_skipped_torch_tests)
+        reporter.write_line(
+            f"JAXDIFF_REQUIRE_TORCH=1 and {len(_skipped_torch_tests)} torch test(s) skipped:\n  {lines}", red=True
+        )

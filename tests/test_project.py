@@ -93,3 +93,19 @@ def test_the_compilation_cache_lets_the_next_process_skip_compiling(tmp_path):
     assert any(cache.iterdir())
     off = run("")
     assert off[0] == first[0] and off[1] == "0"
+
+
+def test_ci_fails_when_a_torch_cross_check_skips(tmp_path):
+    """With JAXDIFF_REQUIRE_TORCH=1 (what .ci/run sets), a skipped `torch` test fails the run: a green CI means the
+    PyTorch cross-checks ran."""
+    (tmp_path / "test_one.py").write_text(
+        "import pytest\n\n@pytest.mark.torch\ndef test_skips():\n    pytest.skip('pretend torch is missing')\n"
+    )
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
+    command += ["--rootdir", str(tmp_path), "-o", "markers=torch: t", str(tmp_path / "test_one.py")]
+    run = lambda **env: subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+    required = run(JAXDIFF_REQUIRE_TORCH="1")
+    assert required.returncode == 1 and "1 torch test(s) skipped" in required.stdout
+    assert "test_one.py::test_skips: Skipped: pretend torch is missing" in required.stdout
+    assert run(JAXDIFF_REQUIRE_TORCH="0").returncode == 0  # elsewhere a skip with its reason is fine
+    assert "JAXDIFF_REQUIRE_TORCH=1" in (ROOT / ".ci" / "run").read_text()
