@@ -553,3 +553,55 @@ def test_weight_decay_shrinks_the_weights_by_lr_times_decay_at_every_update():
         w -= lr * 0.5 * w
     assert float(state.params["w"]) == pytest.approx(w, rel=1e-5)
     assert w < 0.9 * 2.0  # it did shrink
+
+
+def test_bf16_training_keeps_float32_state_and_tracks_the_float32_run():
+    """50 steps of the tiny UNet (attention included) in bfloat16 compute against float32, from the same start."""
+    state32, step32 = tiny_run()
+    opt = training.OptimConfig(lr=2e-3, warmup_steps=0, total_steps=100, ema_decay=0.9)  # tiny_run's
+    net16 = dataclasses.replace(TINY, dtype="bfloat16")
+    objective = pipeline.DiffusionConfig(num_timesteps=100)
+    optimizer = training.make_optimizer(opt)
+    step16 = jax.jit(
+        training.make_train_step(make_apply(net16), make_schedule("linear", 100), objective, optimizer, opt, 0)
+    )
+    images = np.random.default_rng(0).integers(0, 2, (16, 8, 8, 1)) * 2.0 - 1.0
+    batch = {"image": jnp.asarray(images, jnp.float32), "label": jnp.zeros((16,), jnp.int32)}
+    curves, state16 = {32: [], 16: []}, state32
+    for _ in range(50):
+        state32, m32 = step32(state32, batch)
+        state16, m16 = step16(state16, batch)
+        curves[32].append(float(m32["loss"]))
+        curves[16].append(float(m16["loss"]))
+        assert m16["finite"] == 1.0
+    # Parameters, EMA and Adam's moments stay float32 (only the compute is bfloat16).
+    floats = [x for x in jax.tree_util.tree_leaves((state16.params, state16.ema_params, state16.opt_state))]
+    assert {x.dtype for x in floats if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in floats)
+    # Measured (2026-11-29): the per-step loss differs by 0.16% on average and 0.83% at most. Allowed: 1% and 3%.
+    rel = np.abs(np.array(curves[16]) - curves[32]) / np.array(curves[32])
+    assert rel.mean() < 0.01 and rel.max() < 0.03, (rel.mean(), rel.max())
+    assert np.mean(curves[16][-10:]) < 0.75 * np.mean(curves[16][:5])  # and it trains
+
+
+def test_bf16_networks_reduce_in_float32():
+    """Every reduction of the bf16 forward (GroupNorm's mean and variance, the attention softmax's max and sum) runs
+    in float32: bfloat16's 8-bit mantissa would lose the small differences they are made of."""
+    net16 = dataclasses.replace(TINY, dtype="bfloat16")
+    params = tiny_run()[0].params
+    jaxpr = jax.make_jaxpr(make_apply(net16))(params, jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32))
+
+    def eqns(jaxpr):  # every equation, inside called and custom-differentiated sub-programs too
+        for e in jaxpr.eqns:
+            yield e
+            for value in e.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from eqns(inner)
+
+    everything = list(eqns(jaxpr.jaxpr))
+    reductions = [e for e in everything if e.primitive.name in ("reduce_sum", "reduce_max")]
+    assert len(reductions) >= 2 * 11  # 11 GroupNorms (mean, mean of squares) and the softmaxes
+    assert {str(v.aval.dtype) for e in reductions for v in e.invars} == {"float32"}
+    convs = [e for e in everything if e.primitive.name == "conv_general_dilated"]
+    assert convs and {str(e.outvars[0].aval.dtype) for e in convs} == {"bfloat16"}  # the compute is bf16
