@@ -87,8 +87,6 @@ class SampleRequest:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}.")
         if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
             raise ValueError("--samples and --reference_stats are for --eval=fid; add --eval=fid.")
-        if self.samples is not None and self.eval != "fid":
-            raise ValueError("--samples is the images to judge with --eval=fid; add --eval=fid.")
         if self.eval is not None and self.eval not in EVALS:
             raise ValueError(f"--eval must be one of {EVALS}, got {self.eval!r}.")
         if (self.init_images is None) != (self.strength is None and self.mask is None):
@@ -137,7 +135,7 @@ def sample(request: SampleRequest) -> int:
         if init is not None:
             pipeline.check_images_fit(pipe, init, request.init_images)
         if request.eval == "fid":
-            extractor, reference, per_class = fid_reference(pipe, request)
+            extractor, reference, reference_name, per_class = fid_reference(pipe, request)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
@@ -145,8 +143,6 @@ def sample(request: SampleRequest) -> int:
     if request.eval == "fid":
         # Drawn by a class-conditional model: each image's requested class (--label, or the classes in turn).
         labels = pipeline.labels_for(len(drawn), pipe.num_classes, request.label) if given is None else None
-        split = request.split or "train"
-        reference_name = request.reference_stats or f"{extractor.name} statistics of the {split} split"
         report_fid(extractor, reference, drawn, request.out_dir, labels, per_class, reference_name)
     return 0
 
@@ -288,8 +284,8 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
 
 def fid_reference(pipe: Pipeline, request: SampleRequest):
     """The feature extractor, the statistics of the reference (``--reference_stats``, else the split's, by default
-    train's, computed once and cached), and for a conditional model judged by a classifier of the dataset's classes,
-    each class's statistics (else None)."""
+    train's, computed once and cached) and what they are, and for a conditional model judged by a classifier of the
+    dataset's classes, each class's statistics (else None)."""
     precomputed = request.reference_stats is not None  # a precomputed .npz: the dataset is not read
     if precomputed and pipe.data is None and request.dataset is None:  # an imported model: the FID Inception
         data = DataConfig(dataset="(precomputed statistics)", image_size=pipe.image_shape[0])
@@ -299,11 +295,13 @@ def fid_reference(pipe: Pipeline, request: SampleRequest):
         request.features, data, request.inception_weights, request.download, request.resize, request.batch_size or 100
     )
     if precomputed:
-        return extractor, evaluation.load_precomputed_stats(request.reference_stats, extractor.dim), None
+        stats = evaluation.load_precomputed_stats(request.reference_stats, extractor.dim)
+        return extractor, stats, request.reference_stats, None
     per_class = None
     if pipe.num_classes is not None and extractor.classifies and request.samples is None:
         per_class = evaluation.class_reference_stats(extractor, data, log=log)
-    return extractor, evaluation.reference_stats(extractor, data, log=log), per_class
+    name = f"{extractor.name} statistics of the {data.split} split"
+    return extractor, evaluation.reference_stats(extractor, data, log=log), name, per_class
 
 
 def load_samples(path: str | os.PathLike) -> np.ndarray:

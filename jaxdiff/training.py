@@ -220,8 +220,8 @@ def make_train_step(
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if k == 1:
             return grad_fn(params, *inputs, dropout_key)
-        split = lambda x: None if x is None else jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-        micro = jax.tree_util.tree_map(split, inputs)
+        split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        micro = jax.tree_util.tree_map(split, inputs)  # labels None (unconditional) stays None
 
         def add(carry, part):
             i, (x0, noise, labels, t, weights) = part
