@@ -4,15 +4,19 @@ import dataclasses
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from jaxdiff.models import UNet, UNetConfig, count_params, init_params, timestep_embedding
+from jaxdiff.models.initializers import host_initializers
+from jaxdiff.models.unet import attention
 
-# One small network serves every test that computes: init is this suite's slowest compile (XLA makes one fusion per
-# random draw), and compute dtype, remat, dropout and head count change no parameter, so its params fit every variant.
+# One small network serves every test that computes: compute dtype, remat, dropout and head count change no parameter,
+# so its params fit every variant.
 BASE = UNetConfig(
     image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_classes=10
 )
@@ -85,6 +89,73 @@ def test_output_shape_and_dtype(cfg):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))  # params stay f32
     assert out.shape == (2, cfg.image_size, cfg.image_size, cfg.in_channels * (2 if cfg.learn_sigma else 1))
     assert out.dtype == jnp.float32 and cfg.out_channels == out.shape[-1]
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_the_host_draw_has_flax_inits_distributions():
+    # init_params draws on the host; UNet.init is Flax's own jitted draw with jax's PRNG. Different values, and the
+    # same distributions: DDPM's U(-l, l), l = sqrt(3 scale / fan_avg), scale 1e-10 for the last conv of each
+    # residual block, each attention output and the output conv; zero biases, unit GroupNorm scales; the class
+    # embedding a normal of variance 1 / features truncated at 2 of its own standard deviations.
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    flax_init = jax.jit(UNet(BASE).init, compiler_options={"xla_backend_optimization_level": 0})
+    host, ref = _flat(base_init()), _flat(flax_init(jax.random.key(0), x, t))
+    assert host.keys() == ref.keys()
+    pooled = {"host": [], "flax": []}
+    for name, value in host.items():
+        assert value.shape == ref[name].shape and value.dtype == ref[name].dtype == np.float32, name
+        if name.endswith("['bias']") or name.endswith("['scale']"):
+            expected = 1.0 if name.endswith("['scale']") else 0.0
+            assert np.all(value == expected) and np.all(ref[name] == expected), name
+            continue
+        if name.endswith("['embedding']"):
+            bound = 2 * math.sqrt(1 / value.shape[1]) / 0.87962566103423978
+        else:
+            zero_init = any(f"['{layer}']" in name for layer in ("conv2", "proj_out", "conv_out"))
+            receptive = math.prod(value.shape[:-2])
+            fan_avg = (value.shape[-2] + value.shape[-1]) * receptive / 2
+            bound = math.sqrt(3 * (1e-10 if zero_init else 1.0) / fan_avg)
+        for source, v in (("host", value), ("flax", ref[name])):
+            normalised = v.ravel() / bound
+            assert np.abs(normalised).max() <= 1 + 1e-6, (source, name)
+            assert np.abs(normalised).max() > 0.5, (source, name)  # the scale is right, not merely bounded
+            if not name.endswith("['embedding']"):
+                pooled[source].append(normalised)
+    host_u, flax_u = np.concatenate(pooled["host"]), np.concatenate(pooled["flax"])
+    assert scipy.stats.kstest(host_u, scipy.stats.uniform(-1, 2).cdf).pvalue > 1e-3
+    assert scipy.stats.kstest(flax_u, scipy.stats.uniform(-1, 2).cdf).pvalue > 1e-3
+    emb, emb_ref = host["['params']['class_embed']['embedding']"], ref["['params']['class_embed']['embedding']"]
+    np.testing.assert_allclose(emb.std(), emb_ref.std(), rtol=0.1)
+    np.testing.assert_allclose(emb.std(), math.sqrt(1 / emb.shape[1]), rtol=0.1)
+
+
+def test_the_parameters_are_a_function_of_the_key_alone():
+    cfg = variant(num_classes=None, attn_resolutions=())
+    eager = _flat(init_params(cfg, jax.random.key(3)))
+    jitted = _flat(jax.jit(lambda k: init_params(cfg, k))(jax.random.key(3)))
+    batched = jax.vmap(lambda k: init_params(cfg, k))(jnp.stack([jax.random.key(3), jax.random.key(4)]))
+    other = _flat(init_params(cfg, jax.random.key(4)))
+    legacy = _flat(init_params(cfg, jax.random.key_data(jax.random.key(3))))  # a raw uint32 key, same words
+    for name, value in eager.items():
+        np.testing.assert_array_equal(jitted[name], value)
+        np.testing.assert_array_equal(legacy[name], value)
+        np.testing.assert_array_equal(_flat(batched)[name][0], value)
+        np.testing.assert_array_equal(_flat(batched)[name][1], other[name])
+    kernels = [name for name in eager if name.endswith("['kernel']")]
+    assert all(not np.array_equal(eager[name], other[name]) for name in kernels)
+
+
+def test_a_layer_without_a_host_initialiser_is_named():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="proj")(x)  # Flax's default lecun_normal kernel has no host draw
+
+    with pytest.raises(ValueError, match=r"params/proj/bias \(Dense.*params/proj/kernel \(Dense.*FanAvgUniform"):
+        host_initializers(Plain(), jax.ShapeDtypeStruct((1, 3), jnp.float32))
 
 
 def test_a_fresh_network_predicts_nearly_zero():
@@ -160,6 +231,21 @@ def test_class_conditioning_and_the_null_class():
     unconditional = variant(num_classes=None)
     with pytest.raises(ValueError, match="unconditional"):
         UNet(unconditional).apply(params, x, t, jnp.array([1, 1]))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_against_its_formula(dtype, tol):
+    # jax.nn.dot_product_attention (XLA's here; cuDNN's on a GPU in half precision) against softmax(q k^T / sqrt(d)) v
+    # per head, computed in float64.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 16, 4, 8)) for _ in range(3))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = attention(*(jnp.asarray(a, dtype) for a in (q, k, v)))
+    assert out.shape == expected.shape and out.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=tol * np.abs(expected).max())
 
 
 def test_multi_head_attention_differs_from_one_head():

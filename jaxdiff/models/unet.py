@@ -14,11 +14,14 @@ The network knows nothing of diffusion: it maps (x ``[B, H, W, C]``, t ``[B]``, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxdiff.models.initializers import Constant, FanAvgUniform, TruncatedNormal, draw_params, host_initializers
 
 Array = jax.Array
 
@@ -143,9 +146,12 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Arra
     return emb
 
 
-def ddpm_init(scale: float = 1.0) -> nn.initializers.Initializer:
+def ddpm_init(scale: float = 1.0) -> FanAvgUniform:
     """DDPM's initialiser: variance scaling over fan-avg with a uniform distribution; scale 0 is a tiny 1e-10."""
-    return nn.initializers.variance_scaling(max(scale, 1e-10), "fan_avg", "uniform")
+    return FanAvgUniform(max(scale, 1e-10))
+
+
+ZEROS, ONES = Constant(0.0), Constant(1.0)
 
 
 def _conv(features: int, name: str, dtype, kernel: int = 3, stride: int = 1, padding="SAME", scale: float = 1.0):
@@ -156,12 +162,20 @@ def _conv(features: int, name: str, dtype, kernel: int = 3, stride: int = 1, pad
         padding=padding,
         dtype=dtype,
         kernel_init=ddpm_init(scale),
+        bias_init=ZEROS,
         name=name,
     )
 
 
 def _group_norm(cfg: UNetConfig, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, name=name)
+    return nn.GroupNorm(
+        num_groups=cfg.num_groups,
+        epsilon=cfg.norm_eps,
+        dtype=cfg.compute_dtype,
+        scale_init=ONES,
+        bias_init=ZEROS,
+        name=name,
+    )
 
 
 class ResBlock(nn.Module):
@@ -176,7 +190,9 @@ class ResBlock(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         h = nn.swish(_group_norm(cfg, "norm1")(x))
         h = _conv(self.out_ch, "conv1", dtype)(h)
-        temb_proj = nn.Dense(self.out_ch, dtype=dtype, kernel_init=ddpm_init(), name="temb_proj")(nn.swish(temb))
+        temb_proj = nn.Dense(self.out_ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_proj")(
+            nn.swish(temb)
+        )
         h = h + temb_proj[:, None, None, :]
         h = nn.swish(_group_norm(cfg, "norm2")(h))
         h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
@@ -184,6 +200,20 @@ class ResBlock(nn.Module):
         if x.shape[-1] != self.out_ch:
             x = _conv(self.out_ch, "shortcut", dtype, kernel=1)(x)
         return x + h
+
+
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """``softmax(q k^T / sqrt(d)) v`` per head over ``[B, L, heads, d]``, the softmax in float32 even under bf16.
+
+    ``jax.nn.dot_product_attention``: XLA's own attention, or cuDNN's fused kernel on a GPU in half precision where
+    cuDNN takes the shapes (it refuses some head sizes; XLA's then runs).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 class AttnBlock(nn.Module):
@@ -199,11 +229,11 @@ class AttnBlock(nn.Module):
         head_dim = cfg.head_dim or C
         heads = C // head_dim
         h = _group_norm(cfg, "norm")(x).reshape(B, H * W, C)
-        dense = lambda name, scale=1.0: nn.Dense(C, dtype=dtype, kernel_init=ddpm_init(scale), name=name)
+        dense = lambda name, scale=1.0: nn.Dense(
+            C, dtype=dtype, kernel_init=ddpm_init(scale), bias_init=ZEROS, name=name
+        )
         q, k, v = (dense(n)(h).reshape(B, H * W, heads, head_dim) for n in ("q", "k", "v"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)  # softmax in float32 even under bf16
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H * W, C)
+        out = attention(q, k, v).reshape(B, H * W, C)
         out = dense("proj_out", scale=0.0)(out)
         return x + out.reshape(B, H, W, C)
 
@@ -263,12 +293,16 @@ class UNet(nn.Module):
         res = lambda out_ch, name: block(cfg, out_ch, deterministic=not train, name=name)
 
         temb = timestep_embedding(t, cfg.ch)
-        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), name="temb_dense0")(temb)
-        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), name="temb_dense1")(nn.swish(temb))
+        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_dense0")(temb)
+        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_dense1")(
+            nn.swish(temb)
+        )
         if cfg.num_classes is not None:
             if labels is None:
                 labels = jnp.full((x.shape[0],), cfg.num_classes, jnp.int32)
-            embed = nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, name="class_embed")
+            # Flax's default embedding distribution (variance 1 / features), drawable on the host.
+            init = TruncatedNormal(1 / math.sqrt(4 * cfg.ch))
+            embed = nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, embedding_init=init, name="class_embed")
             temb = temb + embed(labels)
         elif labels is not None:
             raise ValueError("labels were given to an unconditional UNet (config.num_classes is None).")
@@ -307,15 +341,20 @@ class UNet(nn.Module):
 
 
 def init_params(config: UNetConfig, key: Array, batch_size: int = 1) -> dict:
-    """The network's float32 parameters for ``config``: ``{'params': ...}`` ready for ``UNet(config).apply``."""
-    x = jnp.zeros((batch_size, config.image_size, config.image_size, config.in_channels), jnp.float32)
-    t = jnp.zeros((batch_size,), jnp.int32)
-    if isinstance(key, jax.core.Tracer):  # inside a trace (eval_shape, jit): the caller compiles
-        return UNet(config).init(key, x, t)
-    # Initialisation runs once and costs nothing to run; compiling it is the cost (one fusion per random draw and per
-    # key derivation). XLA's lowest backend optimisation level compiles it ~2.4x faster, with the same values.
-    init = jax.jit(UNet(config).init, compiler_options={"xla_backend_optimization_level": 0})
-    return init(key, x, t)
+    """The network's float32 parameters for ``config``: ``{'params': ...}`` ready for ``UNet(config).apply``.
+
+    Drawn on the host (:mod:`jaxdiff.models.initializers`): the same distributions as ``UNet(config).init`` (DDPM's
+    fan-avg uniform kernels, near-zero output layers, zero biases, unit GroupNorm scales), without compiling Flax's
+    init (~0.3 s instead of ~3 s for the digits UNet, ~8 s for CIFAR-10's). The values are a function of ``key``
+    alone: eager, jitted and vmapped calls agree, on every host and backend.
+    """
+    return draw_params(_param_rules(config, batch_size), key)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_rules(config: UNetConfig, batch_size: int) -> dict:
+    x = jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, config.in_channels), jnp.float32)
+    return host_initializers(UNet(config), x, jax.ShapeDtypeStruct((batch_size,), jnp.int32))
 
 
 def count_params(params) -> int:
