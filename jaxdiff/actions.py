@@ -1,7 +1,8 @@
 """The periodic work of a training run, as named actions called after every step.
 
-Each action is clu's ``PeriodicCallback`` (as in flax's examples): it fires every ``n`` steps and after the last one,
-never when ``n <= 0``. What they do is in one function each, taking the step, the state and the step's metrics:
+Each action is a :class:`Periodic` callback (as clu's ``PeriodicCallback`` in flax's examples, without clu's import
+of TensorFlow): it fires every ``n`` steps and after the last one, never when ``n <= 0``. What they do is in one
+function each, taking the step, the state and the step's metrics:
 
 * :func:`report` -- the loss and the rest of the metrics, steps/s and ETA, to stdout and TensorBoard;
 * :func:`evaluate_bound` -- bits/dim of the EMA model on a fixed held-out batch with fixed keys
@@ -25,7 +26,6 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from clu import periodic_actions
 
 from jaxdiff import checkpoints, evaluation, features, parallel, pipeline
 from jaxdiff.data import DataConfig
@@ -39,11 +39,24 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN/inf: the run stops; the state kept is the last finite one."""
 
 
-def every(n: int, last_step: int, fn: Callable) -> periodic_actions.PeriodicCallback | None:
-    """``fn(step=, t=, state=, metrics=)`` every ``n`` steps and after ``last_step``; None (never) when n <= 0."""
+@dataclasses.dataclass
+class Periodic:
+    """``fn(step=step, **kwargs)`` after every ``n``-th step and after ``last_step``."""
+
+    n: int
+    last_step: int
+    fn: Callable
+
+    def __call__(self, step: int, **kwargs) -> None:
+        if step % self.n == 0 or step == self.last_step:
+            self.fn(step=step, **kwargs)
+
+
+def every(n: int, last_step: int, fn: Callable) -> Periodic | None:
+    """``fn(step=, state=, metrics=)`` every ``n`` steps and after ``last_step``; None (never) when n <= 0."""
     if n <= 0:
         return None
-    return periodic_actions.PeriodicCallback(every_steps=n, on_steps=[last_step], callback_fn=fn)
+    return Periodic(n, last_step, fn)
 
 
 class FiniteGuard:
@@ -99,14 +112,21 @@ class Report:
     """The metrics of the step, steps/s since the end of the first step (which holds the compile) and the ETA: a stdout
     line and TensorBoard scalars."""
 
-    def __init__(self, writer, guard: FiniteGuard, last_step: int, batch_size: int):
+    def __init__(self, writer, guard: FiniteGuard, last_step: int, batch_size: int, began: float | None = None):
+        """``began``: when the run began (``time.perf_counter()``), for the time to its first step."""
         self.writer, self.guard, self.last_step, self.batch_size = writer, guard, last_step, batch_size
+        self.began = began
         self.since: tuple[int, float] | None = None
 
     def start(self, step: int, metrics: dict) -> None:
         """Start the clock once the first step (and its compile) is done."""
         jax.block_until_ready(metrics)
         self.since = (step, time.perf_counter())
+        if self.began is not None:
+            log(
+                f"First step (step {step}) done {self.since[1] - self.began:.1f} s after the run began (data, "
+                "parameters or checkpoint, compile or compilation cache)."
+            )
 
     def __call__(self, step: int, state: TrainState, metrics: dict, **_) -> None:
         self.guard.check(state)
@@ -209,7 +229,7 @@ class Actions:
 
     def __init__(
         self,
-        named: dict[str, periodic_actions.PeriodicCallback | None],
+        named: dict[str, Periodic | None],
         report: Report,
         checkpointer: Checkpointer,
         first_step: int,

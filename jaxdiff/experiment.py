@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -153,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Resumes from the latest checkpoint in ``workdir`` if there is one. Returns the final state.
     """
+    began = time.perf_counter()
     run = run_config(config)
     workdir = _writable(pathlib.Path(workdir))
     mesh = parallel.make_mesh()
@@ -178,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if logs.is_main_process():
         (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
     writer = logs.metric_writer(workdir)
-    after_step = _actions(run, pipe, workdir, actions.Checkpointer(manager, config_json, spec), writer, mesh, state)
+    checkpointer = actions.Checkpointer(manager, config_json, spec)
+    after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
     first, last = int(state.step), run.training.num_steps
     try:
         for step, local in zip(range(first, last), batches.iterate(first), strict=False):
@@ -211,10 +214,10 @@ def _classes(data: DataConfig, labels) -> int | None:
     return declared
 
 
-def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state) -> actions.Actions:
+def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state, began: float) -> actions.Actions:
     """The run's periodic actions, in the order they run after a step."""
     t, last, seed = run.training, run.training.num_steps, run.seed
-    report = actions.Report(writer, checkpointer.guard, last, t.batch_size)
+    report = actions.Report(writer, checkpointer.guard, last, t.batch_size, began)
     held_out = _held_out(run)
     evaluate = None if held_out is None else actions.evaluate_bound(pipe, writer, held_out, _eval_key(run), mesh)
     fid = actions.make_fid(run.evaluation, run.data, pipe, mesh)

@@ -32,9 +32,10 @@ def use_compilation_cache(directory: str | None = "auto") -> str | None:
     """Keep XLA's compiled programs on disk, so that a resumed run or the next ``sample.py`` skips compiling them.
 
     ``directory``: ``"auto"`` is ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``jaxdiff_cache_dir() / "xla"``; ``""`` or
-    None turns the cache off. Programs are stored when they took at least JAX's
-    ``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile; the key covers the program, the
-    devices, the JAX/XLA versions and ``XLA_FLAGS``, so a changed setting compiles afresh. Returns the directory used.
+    None turns the cache off. Every program is stored, however quick its compile (JAX's own threshold is 1 s, which
+    leaves a sampling run's dozen small programs to compile again each time: ~1 s of its start);
+    ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` sets another threshold. The key covers the program, the devices,
+    the JAX/XLA versions and ``XLA_FLAGS``, so a changed setting compiles afresh. Returns the directory used.
     """
     import jax
 
@@ -45,4 +46,6 @@ def use_compilation_cache(directory: str | None = "auto") -> str | None:
         directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(jaxdiff_cache_dir() / "xla")
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
