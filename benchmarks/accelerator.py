@@ -11,8 +11,8 @@ It reports, for each of ``--dtypes`` (float32 and bfloat16 compute; parameters s
    the devices' peak (``PEAKS``, dense tensor-core / MXU figures from the vendors' datasheets; float32 against TF32 on
    NVIDIA GPUs, which XLA uses for float32 convolutions and matmuls at the default precision); none for a device not
    in the table;
-3. compile time of the step, and peak memory (the device's own ``peak_bytes_in_use`` where it keeps one, else XLA's
-   memory analysis of the compiled step);
+3. compile time of the step, and memory: XLA's analysis of the compiled step, and the device's own peak where it
+   keeps one (``peak_bytes_in_use``, process-wide: ``--dtypes=bfloat16`` alone for bfloat16's own);
 4. sampling images/s at ``--sample_batch`` (256): DDPM over all T steps, and ``--fast_sampler`` (DPM-Solver++ 2M,
    one network call a step) at ``--fast_steps`` (20), with ``--sample_dtype`` compute.
 
@@ -98,16 +98,19 @@ def machine() -> dict:
     }
 
 
-def peak_memory(compiled) -> tuple[float | None, str]:
-    """Peak bytes in use on device 0 and where the figure comes from."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+def memory_figures(compiled) -> dict:
+    """XLA's memory analysis of the compiled step (arguments + outputs + temporaries - donated, per device), and the
+    device's own peak where it keeps one (``peak_bytes_in_use``: since the process started, so a later row is at
+    least the earlier ones'; run one dtype per process for each one's own peak)."""
     mem = compiled.memory_analysis()
-    if mem is None:
-        return None, "unavailable"
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return float(total), "XLA memory analysis (arguments + outputs + temporaries - donated)"
+    xla = None
+    if mem is not None:
+        xla = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "xla_memory_bytes": None if xla is None else float(xla),
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+    }
 
 
 def flops_of(lowered) -> float | None:
@@ -163,7 +166,6 @@ def train_figures(run, dtype: str, batch: int, steps: int, warmup: int, trace_di
     flops, forward_flops = flops_of(lowered), flops_of(forward)  # the program's FLOPs, before XLA's rewrites
     steps_per_sec = steps / seconds
     peak = peak_flops(jax.devices()[0].device_kind, dtype)
-    memory, memory_source = peak_memory(compiled)
     return {
         "dtype": dtype,
         "batch": batch,
@@ -178,8 +180,7 @@ def train_figures(run, dtype: str, batch: int, steps: int, warmup: int, trace_di
         "achieved_flops_per_sec": None if flops is None else flops * steps_per_sec,
         "peak_flops_per_sec": None if peak is None else peak * jax.device_count(),
         "mfu": None if flops is None or peak is None else flops * steps_per_sec / (peak * jax.device_count()),
-        "peak_memory_bytes": memory,
-        "peak_memory_source": memory_source,
+        **memory_figures(compiled),
     }
 
 
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
         row = train_figures(run, dtype, args.batch, args.steps, args.warmup, args.trace_dir)
         results["train"].append(row)
         mfu = "n/a (device not in PEAKS)" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        memory = "n/a" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**30:.2f} GiB"
+        peak = row["device_peak_bytes"] or row["xla_memory_bytes"]
+        memory = "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
         print(
             f"train {dtype:8s} batch {args.batch}: {row['steps_per_sec']:.2f} steps/s "
             f"({row['images_per_sec']:.0f} images/s), MFU {mfu}, compile {row['compile_seconds']:.1f} s, "
