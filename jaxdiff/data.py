@@ -9,6 +9,7 @@ from (seed, step) too.
 Nothing is downloaded unless asked (``download=True``). The built-in ``digits`` dataset (scikit-learn's bundled 8x8
 digits, 1,797 images, split 1,500 train / 297 test) is built offline on first use.
 
+Images are centre-cropped to a square and resized to ``image_size`` (one by one when their sizes vary, as LSUN's do).
 Limitation: a split is held in host memory as uint8 (CIFAR-10 train: 150 MB; MNIST: 47 MB). The 256x256 datasets of
 the paper (LSUN, CelebA-HQ) are larger than that on most hosts.
 """
@@ -110,7 +111,7 @@ def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
       FileNotFoundError: the dataset is not prepared in data_dir and ``download`` is False (says how to prepare it).
     """
     images, labels = [], []
-    for chunk in _read_chunks(_prepared_builder(config), config.split):
+    for chunk in _read_chunks(_prepared_builder(config), config.split, config.image_key, config.image_size):
         images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
         if config.label_key in chunk:
             labels.append(np.asarray(chunk[config.label_key], np.int32))
@@ -119,17 +120,49 @@ def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
 
 
-def _read_chunks(builder: tfds.core.DatasetBuilder, split: str, size: int = 4096) -> Iterator[dict[str, np.ndarray]]:
+def _read_chunks(
+    builder: tfds.core.DatasetBuilder, split: str, image_key: str, image_size: int, size: int = 4096
+) -> Iterator[dict[str, np.ndarray]]:
     """The split's examples as numpy batches of ``size``. A dataset stored as ArrayRecord (the built-in digits; any
     dataset built with ``tfds build --file_format=array_record``) is read without TensorFlow, whose import is ~3.5 s
-    of a process's start; a TFRecord one through tf.data."""
+    of a process's start; a TFRecord one through tf.data. Images of varying sizes (LSUN, CelebA) are centre-cropped
+    and resized to ``image_size`` one by one (as :func:`resize_square`) before they are batched."""
+    varying = None in builder.info.features[image_key].shape[:2]
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        yield from tfds.as_numpy(builder.as_dataset(split=split).batch(size))
+        dataset = builder.as_dataset(split=split)
+        if varying:
+            import tensorflow as tf
+
+            square = lambda example: {**example, image_key: _resize_square_tf(example[image_key], image_size)}
+            dataset = dataset.map(square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        yield from tfds.as_numpy(dataset.batch(size))
         return
     source = builder.as_data_source(split=split)
     for start in range(0, len(source), size):
         examples = [source[i] for i in range(start, min(start + size, len(source)))]
+        if varying:
+            examples = [{**e, image_key: resize_square(e[image_key][None], image_size)[0]} for e in examples]
         yield {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def _resize_square_tf(image, size: int):
+    """:func:`resize_square` of one ``[H, W, C]`` uint8 image of any size, as TensorFlow ops (for ``tf.data.map``)."""
+    import tensorflow as tf
+
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.minimum(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[top : top + side, left : left + side]
+
+    def resized(method: str, antialias: bool):
+        out = tf.image.resize(image, (size, size), method=method, antialias=antialias)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    square = tf.case(
+        [(side > size, lambda: resized("area", True)), (side < size, lambda: resized("bilinear", False))],
+        default=lambda: image,  # side == size: the crop as it is
+    )
+    return tf.ensure_shape(square, (size, size, image.shape[-1]))
 
 
 def num_classes(config: DataConfig) -> int | None:
