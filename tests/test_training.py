@@ -330,18 +330,28 @@ def assert_run_outputs(workdir: pathlib.Path, step: int, image_px: int = 8):
     return grid
 
 
+def lsun_tiny_config(data_dir, **training_overrides):
+    """configs/lsun_church.py's data (LSUN church, images of varying sizes, the validation split held out) on the
+    tiny network at 8x8. Under mock_data, download=True only lets the mock splits count as prepared."""
+    config = tiny_config(data_dir, **training_overrides)
+    lsun = load_config("lsun_church").data
+    config.data.update(dataset=lsun.dataset, eval_split=lsun.eval_split, random_flip=lsun.random_flip, download=True)
+    return config
+
+
 def test_a_tiny_run_trains_samples_checkpoints_and_resumes_on_mock_data(tmp_path, capsys):
+    """An LSUN-config run (tiny network, mock LSUN church: images of varying sizes) end to end."""
     import tensorflow_datasets as tfds
 
     workdir = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=32, data_dir=str(tmp_path / "data")):
-        state = experiment.train_and_evaluate(tiny_config(tmp_path / "data"), workdir)
+        state = experiment.train_and_evaluate(lsun_tiny_config(tmp_path / "data"), workdir)
         assert int(state.step) == 4
         assert_run_outputs(workdir, 4)
         out = capsys.readouterr().out
         assert "step 4/4" in out and "eval bits/dim" in out and "wrote" in out
         # Asked for two more steps, the run resumes from its checkpoint instead of starting over.
-        resumed = experiment.train_and_evaluate(tiny_config(tmp_path / "data", num_steps=6), workdir)
+        resumed = experiment.train_and_evaluate(lsun_tiny_config(tmp_path / "data", num_steps=6), workdir)
         resumed_out = capsys.readouterr().out
         assert "Resuming from the checkpoint at step 4" in resumed_out
         assert int(resumed.step) == 6
