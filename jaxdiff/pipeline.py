@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from jaxdiff import checkpoints, diffusion, images, parallel, samplers
 from jaxdiff.data import DataConfig
 from jaxdiff.diffusion import ModelFn
-from jaxdiff.models.unet import UNetConfig, init_params, make_apply
+from jaxdiff.models.unet import UNetConfig, abstract_params, make_apply
 from jaxdiff.schedules import Schedule, beta_schedule
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, "jax.Array | None"], jax.Array]
@@ -202,11 +202,6 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
         data=spec.data,
         guidance=spec.guidance,
     )
-
-
-def abstract_params(network: UNetConfig):
-    """The shapes and dtypes of ``network``'s parameters (nothing computed)."""
-    return jax.eval_shape(lambda: init_params(network, jax.random.key(0)))
 
 
 def from_workdir(workdir: str | os.PathLike, step: int | None = None) -> Pipeline:

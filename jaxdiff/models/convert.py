@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxdiff.models.unet import UNet, UNetConfig
+from jaxdiff.models.unet import UNetConfig, abstract_params
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DDPM_REPOS = ("google/ddpm-cifar10-32", "google/ddpm-celebahq-256", "google/ddpm-church-256", "google/ddpm-bedroom-256")
@@ -170,9 +170,7 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: U
 
 def param_shapes(config: UNetConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """The shape of every parameter of ``UNet(config)``, by path (module, [layer,] leaf); nothing computed."""
-    x = jnp.zeros((1, config.image_size, config.image_size, config.in_channels))
-    target = jax.eval_shape(UNet(config).init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return traverse_util.flatten_dict(target)
+    return traverse_util.flatten_dict(abstract_params(config)["params"])
 
 
 def check_all_matched(missing: list[str], unexpected: list[str], mismatched: list[str], header: str) -> None:

@@ -167,6 +167,10 @@ def _conv(features: int, name: str, dtype, kernel: int = 3, stride: int = 1, pad
     )
 
 
+def _dense(features: int, name: str, dtype, scale: float = 1.0) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=ddpm_init(scale), bias_init=ZEROS, name=name)
+
+
 def _group_norm(cfg: UNetConfig, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(
         num_groups=cfg.num_groups,
@@ -190,9 +194,7 @@ class ResBlock(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         h = nn.swish(_group_norm(cfg, "norm1")(x))
         h = _conv(self.out_ch, "conv1", dtype)(h)
-        temb_proj = nn.Dense(self.out_ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_proj")(
-            nn.swish(temb)
-        )
+        temb_proj = _dense(self.out_ch, "temb_proj", dtype)(nn.swish(temb))
         h = h + temb_proj[:, None, None, :]
         h = nn.swish(_group_norm(cfg, "norm2")(h))
         h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
@@ -229,12 +231,9 @@ class AttnBlock(nn.Module):
         head_dim = cfg.head_dim or C
         heads = C // head_dim
         h = _group_norm(cfg, "norm")(x).reshape(B, H * W, C)
-        dense = lambda name, scale=1.0: nn.Dense(
-            C, dtype=dtype, kernel_init=ddpm_init(scale), bias_init=ZEROS, name=name
-        )
-        q, k, v = (dense(n)(h).reshape(B, H * W, heads, head_dim) for n in ("q", "k", "v"))
+        q, k, v = (_dense(C, n, dtype)(h).reshape(B, H * W, heads, head_dim) for n in ("q", "k", "v"))
         out = attention(q, k, v).reshape(B, H * W, C)
-        out = dense("proj_out", scale=0.0)(out)
+        out = _dense(C, "proj_out", dtype, scale=0.0)(out)
         return x + out.reshape(B, H, W, C)
 
 
@@ -293,10 +292,8 @@ class UNet(nn.Module):
         res = lambda out_ch, name: block(cfg, out_ch, deterministic=not train, name=name)
 
         temb = timestep_embedding(t, cfg.ch)
-        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_dense0")(temb)
-        temb = nn.Dense(4 * cfg.ch, dtype=dtype, kernel_init=ddpm_init(), bias_init=ZEROS, name="temb_dense1")(
-            nn.swish(temb)
-        )
+        temb = _dense(4 * cfg.ch, "temb_dense0", dtype)(temb)
+        temb = _dense(4 * cfg.ch, "temb_dense1", dtype)(nn.swish(temb))
         if cfg.num_classes is not None:
             if labels is None:
                 labels = jnp.full((x.shape[0],), cfg.num_classes, jnp.int32)
@@ -349,6 +346,12 @@ def init_params(config: UNetConfig, key: Array, batch_size: int = 1) -> dict:
     alone: eager, jitted and vmapped calls agree, on every host and backend.
     """
     return draw_params(_param_rules(config, batch_size), key)
+
+
+def abstract_params(config: UNetConfig) -> dict:
+    """The shapes and dtypes of the network's parameters (``{'params': ...}`` of ``jax.ShapeDtypeStruct``): the
+    network traced once per config and kept, nothing computed."""
+    return jax.tree.map(lambda rule: rule.shape, _param_rules(config, 1))
 
 
 @functools.lru_cache(maxsize=16)
