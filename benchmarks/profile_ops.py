@@ -22,36 +22,19 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from jaxdiff.xla_flags import use_fast_cpu_convolutions  # noqa: E402
 
 use_fast_cpu_convolutions()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from versus import jax_network  # noqa: E402
 
-from jaxdiff.models import UNet, UNetConfig, init_params  # noqa: E402
+from jaxdiff.models import UNetConfig  # noqa: E402
 
 OP_NAME = re.compile(r"^[a-z_\-]+(\.\d+)?$")  # XLA's instruction names: fusion.12, convolution, ...
-
-
-def compiled_step(forward_only: bool, batch: int):
-    cfg = UNetConfig(dropout=0.0)
-    params = init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
-    target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
-    net = UNet(cfg)
-    if forward_only:
-        fn = jax.jit(lambda p: net.apply(p, x, t))
-    else:
-        fn = jax.jit(jax.grad(lambda p: jnp.mean((net.apply(p, x, t) - target) ** 2)))
-    compiled = fn.lower(params).compile()
-    return lambda: jax.block_until_ready(compiled(params))
 
 
 def op_times(trace_dir: pathlib.Path) -> tuple[collections.Counter, dict]:
@@ -74,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
-    run = compiled_step(args.forward, args.batch)
+    run, _ = jax_network(UNetConfig(dropout=0.0), args.batch, with_grad=not args.forward)
     run()
     run()  # warm
     with tempfile.TemporaryDirectory() as tmp:
