@@ -152,12 +152,12 @@ def step_images_per_sec(model_cfg, batch: int, repeats: int) -> float:
 def pipeline_figures(repeats):
     import numpy as np
 
-    from jaxdiff.data import Batches
+    from jaxdiff.data import Batches, InMemory
 
     out = {}
     for name, shape, batch in [("digits", (1500, 8, 8, 1), 64), ("cifar10", (50_000, 32, 32, 3), 128)]:
         images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-        batches = Batches(images, np.zeros(shape[0], np.int32), global_batch=batch, seed=0, random_flip=True)
+        batches = Batches(InMemory(images, np.zeros(shape[0], np.int32)), global_batch=batch, seed=0, random_flip=True)
         start = time.perf_counter()
         for step in range(repeats * 20):
             batches.at(step)

@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.class_conditional = False  # condition on the labels (label_key); the null class is num_classes
     c.data.image_key = "image"  # the dataset's feature names
     c.data.label_key = "label"
+    c.data.reader = "auto"  # memory | stream (random access, ArrayRecord only) | auto: memory up to memory_limit_gb
+    c.data.memory_limit_gb = 4.0  # the largest split (decoded uint8 at image_size) that auto holds in memory
 
     c.model = ml_collections.ConfigDict()
     c.model.ch = 128

@@ -1,4 +1,4 @@
-"""Input pipelines: TFDS image datasets, read once into host memory, batched as a pure function of (seed, step).
+"""Input pipelines: TFDS image datasets, batched as a pure function of (seed, step), held in memory or streamed.
 
 The order of examples is a function of (seed, step) alone: epoch e visits the split in the order of
 ``permutation(seed, e)``, and the global batch of step s is the next ``global_batch`` indices of that endless
@@ -6,19 +6,27 @@ sequence. So a resumed run sees exactly the batches an uninterrupted run would, 
 process p of P reads rows ``[p * B/P, (p + 1) * B/P)`` of every global batch (disjoint shards). Random flips are drawn
 from (seed, step) too.
 
+Two ways to read a split give the same batches, bit for bit (:func:`open_split` picks one and says which):
+
+- :class:`InMemory`: the whole split read once into host memory as uint8 (CIFAR-10 train: 150 MB). The fastest for
+  small datasets, and the only one for datasets stored as TFRecord.
+- :class:`Streamed`: random access into a split stored as ArrayRecord (``tfds build --file_format=array_record``):
+  each process reads, decodes and resizes only its own rows of each global batch, on a pool of threads, ahead of the
+  step. Host memory stays a few batches, whatever the split's size (LSUN bedroom: 3M images).
+
 Nothing is downloaded unless asked (``download=True``). The built-in ``digits`` dataset (scikit-learn's bundled 8x8
 digits, 1,797 images, split 1,500 train / 297 test) is built offline on first use.
 
 Images are centre-cropped to a square and resized to ``image_size`` (one by one when their sizes vary, as LSUN's do).
-Limitation: a split is held in host memory as uint8 (CIFAR-10 train: 150 MB; MNIST: 47 MB). The 256x256 datasets of
-the paper (LSUN, CelebA-HQ) are larger than that on most hosts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -27,6 +35,7 @@ import tensorflow_datasets as tfds
 from jaxdiff.images import from_uint8
 
 KNOWN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "celeb_a_hq", "lsun")
+READERS = ("auto", "memory", "stream")
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -89,6 +98,10 @@ class DataConfig:
       download: allow TFDS to download and prepare a dataset that is not prepared yet.
       class_conditional: the model is given the labels (``label_key``).
       image_key, label_key: the feature names in the dataset.
+      reader: how the split is read (:func:`open_split`): ``memory`` (whole, once), ``stream`` (random access, only
+        this process's rows of each batch; the dataset must be stored as ArrayRecord), or ``auto``: ``memory`` when
+        the split, decoded at ``image_size``, takes at most ``memory_limit_gb``, else ``stream``.
+      memory_limit_gb: the largest split (decoded uint8 at ``image_size``) that ``auto`` holds in memory.
     """
 
     dataset: str = "digits"
@@ -101,23 +114,145 @@ class DataConfig:
     class_conditional: bool = False
     image_key: str = "image"
     label_key: str = "label"
+    reader: str = "auto"
+    memory_limit_gb: float = 4.0
+
+    def __post_init__(self):
+        if self.reader not in READERS:
+            raise ValueError(f"config.data.reader must be one of {READERS}, got {self.reader!r}.")
+        if not self.memory_limit_gb >= 0:
+            raise ValueError(f"config.data.memory_limit_gb must be >= 0, got {self.memory_limit_gb}.")
 
 
-def load_split(config: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+def load_split(
+    config: DataConfig, builder: tfds.core.DatasetBuilder | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole split as ``(images uint8 [N, S, S, C], labels int32 [N] or None)``, S = config.image_size.
 
     Raises:
       ValueError: an unknown dataset name, or a dataset without the image feature.
       FileNotFoundError: the dataset is not prepared in data_dir and ``download`` is False (says how to prepare it).
     """
+    builder = builder or _prepared_builder(config)
     images, labels = [], []
-    for chunk in _read_chunks(_prepared_builder(config), config.split, config.image_key, config.image_size):
+    for chunk in _read_chunks(builder, config.split, config.image_key, config.image_size):
         images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
         if config.label_key in chunk:
             labels.append(np.asarray(chunk[config.label_key], np.int32))
     if not images:
         raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+class InMemory:
+    """A split held whole in host memory: ``images`` uint8 ``[N, S, S, C]`` and ``labels`` int32 ``[N]`` (or None)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images, self.labels = images, labels
+        self.channels, self.has_labels = images.shape[-1], labels is not None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows ``indices``: ``(images uint8 [n, S, S, C], labels int32 [n] or None)``."""
+        return self.images[indices], (None if self.labels is None else self.labels[indices])
+
+    def describe(self) -> str:
+        return f"held in memory ({len(self):,} images, {_gigabytes(self.images.nbytes)})"
+
+
+class Streamed:
+    """Random access into a split stored as ArrayRecord: :meth:`read` fetches, decodes, crops and resizes only the rows
+    asked for, on a pool of threads (ArrayRecord's reads and PIL's decodes release the GIL; Grain reads TFDS data
+    sources from threads the same way). Each image becomes what :class:`InMemory` would hold, bit for bit.
+
+    Args:
+      source: a TFDS data source (``builder.as_data_source(split)``): ``len()`` and ``source[i]`` -> example dict.
+      image_key, label_key: the features to read (``label_key`` None: no labels).
+      image_size: the output height = width.
+      channels: the images' channels.
+      threads: how many examples are read at once.
+    """
+
+    def __init__(
+        self, source, *, image_key: str, label_key: str | None, image_size: int, channels: int, threads: int = 16
+    ):
+        self.source, self.image_key, self.label_key = source, image_key, label_key
+        self.image_size, self.channels, self.has_labels = image_size, channels, label_key is not None
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxdiff-read")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows ``indices``, read now: ``(images uint8 [n, S, S, C], labels int32 [n] or None)``."""
+        rows = list(self._pool.map(self._example, np.asarray(indices).tolist()))
+        labels = np.asarray([label for _, label in rows], np.int32) if self.has_labels else None
+        return np.stack([image for image, _ in rows]), labels
+
+    def _example(self, index: int) -> tuple[np.ndarray, int]:
+        example = self.source[index]
+        image = np.asarray(example[self.image_key])
+        if image.shape[:2] != (self.image_size, self.image_size):
+            image = resize_square(image[None], self.image_size)[0]
+        return image, (int(example[self.label_key]) if self.has_labels else 0)
+
+    def describe(self) -> str:
+        size = len(self) * self.image_size**2 * self.channels
+        return f"streamed from ArrayRecord ({len(self):,} images, {_gigabytes(size)} decoded; read as needed)"
+
+
+def open_split(config: DataConfig) -> InMemory | Streamed:
+    """The split ``config`` names, as :class:`InMemory` or :class:`Streamed` (``config.reader``; ``auto``: in memory
+    when it takes at most ``config.memory_limit_gb`` decoded at ``image_size``). Its ``describe()`` says which.
+
+    Raises:
+      ValueError: streaming was asked for (or chosen, for a split too large for memory) but the dataset is stored as
+        TFRecord, which has no random access (the message gives the command that rebuilds it as ArrayRecord).
+    """
+    builder = _prepared_builder(config)
+    feature = builder.info.features[config.image_key]
+    channels = feature.shape[-1] or 3
+    decoded = _split_examples(builder, config.split) * config.image_size**2 * channels
+    reader = config.reader
+    if reader == "auto":
+        reader = "memory" if decoded <= config.memory_limit_gb * 2**30 else "stream"
+    if reader == "memory":
+        return InMemory(*load_split(config, builder))
+    try:
+        source = builder.as_data_source(split=config.split)
+    except NotImplementedError as e:
+        why = (
+            "config.data.reader='stream'"
+            if config.reader == "stream"
+            else f"{config.split!r} takes ~{_gigabytes(decoded)} decoded, over config.data.memory_limit_gb="
+            f"{config.memory_limit_gb:g}, so it"
+        )
+        raise ValueError(
+            f"{why} must be read at random, but {config.dataset!r} is stored as {builder.info.file_format.value} in "
+            f"{builder.data_dir}, which has none. Rebuild it as ArrayRecord: `tfds build {config.dataset} "
+            f"--file_format=array_record --data_dir=<a new directory>` and point config.data.data_dir there (or set "
+            "config.data.reader='memory' if this host has the memory)."
+        ) from e
+    label_key = config.label_key if config.label_key in builder.info.features else None
+    return Streamed(
+        source, image_key=config.image_key, label_key=label_key, image_size=config.image_size, channels=channels
+    )
+
+
+def _split_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    """The number of examples in ``split`` (slices such as ``train[:90%]`` too) from the metadata; 0 if unknown."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MB"
 
 
 def _read_chunks(
@@ -187,7 +322,8 @@ def _prepared_builder(config: DataConfig) -> tfds.core.DatasetBuilder:
         if isinstance(builder, Digits):
             builder.download_and_prepare()  # offline: built from scikit-learn's bundled copy
         elif config.download:
-            builder.download_and_prepare()
+            # ArrayRecord: both readers can read it (TFRecord has no random access for streaming).
+            builder.download_and_prepare(file_format=None if config.reader == "memory" else "array_record")
         else:
             raise FileNotFoundError(
                 f"Dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it with "
@@ -223,24 +359,32 @@ def global_indices(num_examples: int, global_batch: int, seed: int, step: int) -
     out, filled = np.empty(global_batch, np.int64), 0
     while filled < global_batch:
         epoch, offset = divmod(start + filled, num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        perm = _epoch_order(num_examples, seed, epoch)
         take = min(num_examples - offset, global_batch - filled)
         out[filled : filled + take] = perm[offset : offset + take]
         filled += take
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's permutation, kept while the steps walk through it (a 3M-image split's takes ~50 ms to draw)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
+
+
 class Batches:
     """Batches of one process as a function of the step: ``batches.at(step)`` or iterate from a start step.
 
     Each batch is ``{'image': float32 [B/P, S, S, C] in [-1, 1], 'label': int32 [B/P]}`` (label 0 when the dataset
-    has none). Iterating prefetches the next batches on a background thread.
+    has none). Only this process's rows of each global batch are read from ``data`` (:class:`InMemory` or
+    :class:`Streamed`), so both give the same batches. Iterating reads the next batches on a background thread.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
-        labels: np.ndarray | None,
+        data: InMemory | Streamed,
         *,
         global_batch: int,
         seed: int,
@@ -250,36 +394,48 @@ class Batches:
     ):
         if global_batch % process_count:
             raise ValueError(f"The global batch {global_batch} is not divisible by the {process_count} processes.")
-        self.images, self.labels = images, labels
+        self.data = data
         self.global_batch, self.seed, self.random_flip = global_batch, seed, random_flip
         self.local_batch = global_batch // process_count
         self.rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
 
     def at(self, step: int) -> dict[str, np.ndarray]:
-        idx = global_indices(len(self.images), self.global_batch, self.seed, step)[self.rows]
-        images = self.images[idx]
+        idx = global_indices(len(self.data), self.global_batch, self.seed, step)[self.rows]
+        images, labels = self.data.read(idx)
         if self.random_flip:
             # Flips come from (seed, step) and the example's position in the global batch, like the order.
             flips = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)[self.rows] < 0.5
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        labels = self.labels[idx] if self.labels is not None else np.zeros(len(idx), np.int32)
+        labels = labels if labels is not None else np.zeros(len(idx), np.int32)
         return {"image": from_uint8(images), "label": labels.astype(np.int32)}
 
-    def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-        """Batches for start_step, start_step + 1, ... computed ``prefetch`` steps ahead on a thread."""
-        results: dict[int, dict] = {}
+    def iterate(
+        self, start_step: int = 0, prefetch: int = 2, transfer: Callable[[dict], object] | None = None
+    ) -> Iterator:
+        """Batches for start_step, start_step + 1, ... read ``prefetch`` steps ahead on a thread.
+
+        ``transfer`` (e.g. onto the devices: ``lambda b: parallel.global_batch(b, mesh)``) runs on that thread too, so
+        that the step finds its batch already in place; the iterator then yields what it returns.
+        """
+        results: dict[int, object] = {}
         ready = threading.Condition()
         stop = threading.Event()
 
         def produce():
             step = start_step
             while not stop.is_set():
-                batch = self.at(step)
+                try:
+                    batch = self.at(step)
+                    batch = transfer(batch) if transfer is not None else batch
+                except Exception as e:  # handed to the consumer, which raises it
+                    batch = _Failed(e)
                 with ready:
                     while len(results) >= prefetch and not stop.is_set():
                         ready.wait(0.1)
                     results[step] = batch
                     ready.notify_all()
+                if isinstance(batch, _Failed):
+                    return
                 step += 1
 
         worker = threading.Thread(target=produce, daemon=True)
@@ -292,20 +448,27 @@ class Batches:
                         ready.wait(0.1)
                     batch = results.pop(step)
                     ready.notify_all()
+                if isinstance(batch, _Failed):
+                    raise batch.error
                 yield batch
                 step += 1
         finally:
             stop.set()
 
 
+@dataclasses.dataclass
+class _Failed:
+    """A batch that could not be read (the reading thread's exception)."""
+
+    error: Exception
+
+
 def make_batches(
     config: DataConfig, *, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> Batches:
-    """Load ``config``'s split and return its :class:`Batches` for this process."""
-    images, labels = load_split(config)
+    """Open ``config``'s split (:func:`open_split`) and return its :class:`Batches` for this process."""
     return Batches(
-        images,
-        labels,
+        open_split(config),
         global_batch=global_batch,
         seed=seed,
         random_flip=config.random_flip,

@@ -17,11 +17,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline
-from jaxdiff.data import DataConfig, load_split, make_batches, num_classes
+from jaxdiff.data import DataConfig, InMemory, Streamed, make_batches, num_classes, open_split
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, init_params, make_apply
 from jaxdiff.pipeline import DiffusionConfig, ModelSpec
@@ -166,8 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    classes = _classes(run.data, batches.labels)
-    network = run.network(batches.images.shape[-1], classes)
+    log(f"Data: {run.data.dataset} {run.data.split}, {batches.data.describe()}.")
+    classes = _classes(run.data, batches.data)
+    network = run.network(batches.data.channels, classes)
     spec = ModelSpec(network, run.diffusion, run.sampling.clip_x0, run.data, run.sampling.guidance)
     optimizer = make_optimizer(run.optim)
     state, manager = _initial_state(workdir, run, spec.network, optimizer, mesh)
@@ -184,8 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
     first, last = int(state.step), run.training.num_steps
     try:
-        for step, local in zip(range(first, last), batches.iterate(first), strict=False):
-            state, metrics = step_fn(state, parallel.global_batch(local, mesh))
+        on_devices = batches.iterate(first, transfer=lambda local: parallel.global_batch(local, mesh))
+        for step, batch in zip(range(first, last), on_devices, strict=False):
+            state, metrics = step_fn(state, batch)
             if after_step(step + 1, state, metrics):
                 break
     finally:
@@ -195,21 +198,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return state
 
 
-def _classes(data: DataConfig, labels) -> int | None:
+def _classes(data: DataConfig, split: InMemory | Streamed) -> int | None:
     """A class-conditional run's number of classes: the dataset's ClassLabel metadata (the null class is one more);
-    the largest label + 1 only for a label feature that declares no classes. None for an unconditional run."""
+    the largest label + 1 only for a label feature that declares no classes (read in memory). None for an
+    unconditional run."""
     if not data.class_conditional:
         return None
-    if labels is None:
+    if not split.has_labels:
         raise ValueError(
             f"config.data.class_conditional=True but {data.dataset!r} has no {data.label_key!r} feature: set "
             "config.data.label_key to its label feature, or train unconditionally."
         )
     declared = num_classes(data)
+    labels = split.labels if isinstance(split, InMemory) else None
     if declared is None:
+        if labels is None:
+            raise ValueError(
+                f"{data.dataset}'s {data.label_key!r} declares no classes, and a streamed split cannot be scanned "
+                "for its largest label: set config.data.reader='memory'."
+            )
         declared = int(labels.max()) + 1
         log(f"{data.dataset}'s {data.label_key!r} declares no classes; taking {declared} (the largest label + 1).")
-    if labels.min() < 0 or labels.max() >= declared:
+    if labels is not None and (labels.min() < 0 or labels.max() >= declared):
         raise ValueError(f"{data.dataset}'s labels must lie in [0, {declared}), found {labels.min()}..{labels.max()}.")
     return declared
 
@@ -243,12 +253,12 @@ def _held_out(run: RunConfig):
     when the dataset has no such split."""
     data = dataclasses.replace(run.data, split=run.data.eval_split, random_flip=False)
     try:
-        images, labels = load_split(data)
+        split = open_split(data)
     except (ValueError, FileNotFoundError) as e:
         log(f"No held-out batch for bits/dim ({e}); skipping that evaluation.")
         return None
-    n = run.training.eval_batch_size
-    return images[:n], (labels[:n] if run.data.class_conditional and labels is not None else None)
+    images, labels = split.read(np.arange(min(run.training.eval_batch_size, len(split))))
+    return images, (labels if run.data.class_conditional else None)
 
 
 def _writable(workdir: pathlib.Path) -> pathlib.Path:

@@ -25,6 +25,13 @@ CIFAR10 = dict(  # google/ddpm-cifar10-32's architecture
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
+LSUN_256 = dict(  # google/ddpm-church-256's (and bedroom's, cat's, celebahq's) layout, at a quarter of the width
+    sample_size=256,
+    block_out_channels=(32, 32, 64, 64, 128, 128),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+)
 SMALL = {
     "attention-learned-sigma-classes": dict(
         sample_size=16,
@@ -98,6 +105,29 @@ def test_the_cifar10_unet_matches_diffusers():
     assert cfg.attn_resolutions == (16,) and cfg.ch_mult == (1, 2, 2, 2) and cfg.ch == 128
     n_torch = sum(p.numel() for p in model.parameters())
     assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == n_torch == 35_746_307
+
+
+@pytest.mark.torch
+def test_the_256x256_unet_matches_diffusers_and_is_the_lsun_config_s_network():
+    """The paper's 256x256 layout (6 levels, attention at 16x16 only), random weights, at 256x256."""
+    from jaxdiff.experiment import run_config
+    from tests.helpers import load_config
+
+    model = diffusers_unet(**LSUN_256)
+    err, cfg, params = compare(model, batch=1)
+    assert err <= 1e-4, err
+    assert cfg.image_size == 256 and cfg.ch == 32 and cfg.num_res_blocks == 2
+    assert cfg.ch_mult == (1, 1, 2, 2, 4, 4) and cfg.attn_resolutions == (16,)
+    n_torch = sum(p.numel() for p in model.parameters())
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == n_torch
+    # configs/lsun_church.py builds this network at full width (ch 128).
+    lsun = run_config(load_config("lsun_church")).network(3, None)
+    assert (lsun.image_size, lsun.ch_mult, lsun.attn_resolutions, lsun.num_res_blocks) == (
+        cfg.image_size,
+        cfg.ch_mult,
+        cfg.attn_resolutions,
+        cfg.num_res_blocks,
+    )
 
 
 @functools.cache

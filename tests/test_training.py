@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxdiff import actions, experiment, logs, parallel, pipeline, training
-from jaxdiff.data import Batches, DataConfig, global_indices, load_split, num_classes
+from jaxdiff.data import Batches, DataConfig, InMemory, global_indices, load_split, num_classes
 from jaxdiff.models import UNetConfig, init_params, make_apply
 from jaxdiff.schedules import make_schedule
 from tests.helpers import ROOT, free_port, load_config, tiny_config
@@ -209,8 +209,8 @@ def test_misspelled_override_fails():
 
 def test_batch_order_is_a_function_of_seed_and_step():
     images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1)
-    a = Batches(images, None, global_batch=8, seed=3)
-    b = Batches(images, None, global_batch=8, seed=3)
+    a = Batches(InMemory(images), global_batch=8, seed=3)
+    b = Batches(InMemory(images), global_batch=8, seed=3)
     for step in (0, 6, 7, 100):
         np.testing.assert_array_equal(a.at(step)["image"], b.at(step)["image"])
     resumed = a.iterate(start_step=7)
@@ -226,23 +226,24 @@ def test_batch_order_is_a_function_of_seed_and_step():
 
 def test_process_shards_are_disjoint_and_make_the_global_batch():
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
-    full = Batches(images, None, global_batch=8, seed=0, random_flip=True).at(5)["image"]
+    data = InMemory(images)
+    full = Batches(data, global_batch=8, seed=0, random_flip=True).at(5)["image"]
     shards = [
-        Batches(images, None, global_batch=8, seed=0, random_flip=True, process_index=p, process_count=4).at(5)["image"]
+        Batches(data, global_batch=8, seed=0, random_flip=True, process_index=p, process_count=4).at(5)["image"]
         for p in range(4)
     ]
     np.testing.assert_array_equal(np.concatenate(shards), full)
     assert len({float(v) for s in shards for v in s.ravel()}) == 8
     with pytest.raises(ValueError, match="not divisible"):
-        Batches(images, None, global_batch=10, seed=0, process_count=4)
+        Batches(InMemory(images), global_batch=10, seed=0, process_count=4)
 
 
 def test_flips_are_deterministic_and_about_half():
     images = np.tile(np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1), (1000, 1, 1, 1))
-    batch = Batches(images, None, global_batch=1000, seed=0, random_flip=True).at(0)["image"]
+    batch = Batches(InMemory(images), global_batch=1000, seed=0, random_flip=True).at(0)["image"]
     flipped = batch[:, 0, 0, 0] > batch[:, 0, -1, 0]
     assert 0.45 < flipped.mean() < 0.55
-    again = Batches(images, None, global_batch=1000, seed=0, random_flip=True).at(0)["image"]
+    again = Batches(InMemory(images), global_batch=1000, seed=0, random_flip=True).at(0)["image"]
     np.testing.assert_array_equal(batch, again)
 
 
@@ -293,6 +294,103 @@ def test_images_of_varying_sizes_are_cropped_and_resized_one_by_one(tmp_path):
         np.testing.assert_array_equal(image, resize_square(original[None], 16)[0])
 
 
+class _CountedReads:
+    """A data source that records which rows were read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.source[i]
+
+
+@pytest.mark.parametrize("image_size", [8, 6, 12])  # as stored, shrunk (area filter), grown (bilinear)
+def test_a_streamed_split_gives_the_in_memory_batches_and_each_process_reads_only_its_rows(tmp_path, image_size):
+    """Two processes, batches of 512 out of 1,500 digits (step 2 crosses into the second epoch), flips on: the rows
+    each process reads at random are its own rows of the global batch, and the batches equal the in-memory ones."""
+    from jaxdiff.data import Streamed, open_split
+
+    data = DataConfig(dataset="digits", image_size=image_size, data_dir=str(tmp_path), random_flip=True)
+    memory, streamed = open_split(data), open_split(dataclasses.replace(data, reader="stream"))
+    assert isinstance(memory, InMemory) and isinstance(streamed, Streamed)
+    assert len(streamed) == 1500 and streamed.channels == 1 and streamed.has_labels
+    for process in range(2):
+        counted = _CountedReads(streamed.source)
+        streamed.source = counted
+        kwargs = dict(global_batch=512, seed=3, random_flip=True, process_index=process, process_count=2)
+        reference, batches = Batches(memory, **kwargs), Batches(streamed, **kwargs)
+        for step in range(4):
+            del counted.read[:]
+            batch, expected = batches.at(step), reference.at(step)
+            rows = global_indices(1500, 512, 3, step)[process * 256 : (process + 1) * 256]
+            assert sorted(counted.read) == sorted(rows.tolist())  # its own rows, each once, nothing else
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(batch[key], expected[key])
+        streamed.source = counted.source
+
+
+class SquaresForTests(tfds.core.GeneratorBasedBuilder):
+    """Four 5x5 images (the test prepares them as TFRecord, which has no random access)."""
+
+    name = "jaxdiff_test_squares"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(5, 5, 1))})
+        return self.dataset_info_from_configs(features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(4):
+            yield i, {"image": np.full((5, 5, 1), 60 * i, np.uint8)}
+
+
+def test_the_reader_is_chosen_by_the_split_size_and_a_tfrecord_split_cannot_be_streamed(tmp_path):
+    from jaxdiff.data import Streamed, open_split
+
+    digits = DataConfig(dataset="digits", data_dir=str(tmp_path))
+    assert isinstance(open_split(digits), InMemory)  # 1,500 x 64 bytes: in memory
+    assert open_split(digits).describe() == "held in memory (1,500 images, 0.1 MB)"
+    # Over the limit (1,500 x 64 bytes > 0.00005 GiB), auto streams.
+    assert isinstance(open_split(dataclasses.replace(digits, memory_limit_gb=5e-5)), Streamed)
+    assert isinstance(open_split(dataclasses.replace(digits, memory_limit_gb=1e-4)), InMemory)
+    with pytest.raises(ValueError, match="reader must be one of"):
+        DataConfig(reader="disk")
+    tfds.builder("jaxdiff_test_squares", data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
+    squares = DataConfig(dataset="jaxdiff_test_squares", image_size=5, data_dir=str(tmp_path))
+    images, _ = open_split(squares).read(np.arange(4))  # a TFRecord split reads in memory ...
+    assert sorted(images[:, 0, 0, 0].tolist()) == [0, 60, 120, 180]
+    # ... and streaming it, asked for or chosen by size, says how to rebuild it as ArrayRecord.
+    with pytest.raises(ValueError, match=r"reader='stream'.*stored as tfrecord.*--file_format=array_record"):
+        open_split(dataclasses.replace(squares, reader="stream"))
+    with pytest.raises(ValueError, match=r"over config.data.memory_limit_gb=0.*tfds build jaxdiff_test_squares"):
+        open_split(dataclasses.replace(squares, memory_limit_gb=0))
+
+
+def test_a_batch_that_cannot_be_read_is_raised_by_the_iterator_and_transfer_runs_ahead():
+    class Broken(InMemory):
+        def read(self, indices):
+            if 7 in indices:
+                raise OSError("bad row 7")
+            return super().read(indices)
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    batches = Batches(Broken(images), global_batch=1, seed=0)
+    order = [int(global_indices(10, 1, 0, s)[0]) for s in range(10)]
+    seen = []
+    with pytest.raises(OSError, match="bad row 7"):
+        for batch in batches.iterate(0, transfer=lambda b: ("moved", b)):
+            assert batch[0] == "moved"
+            seen.append(round(float(batch[1]["image"][0, 0, 0, 0] * 127.5 + 127.5)))
+    assert seen == order[: order.index(7)]
+
+
 def test_bad_input_fails_before_any_compile(tmp_path):
     with pytest.raises(ValueError, match="Unknown dataset 'cifar11'"):
         load_split(DataConfig(dataset="cifar11"))
@@ -332,30 +430,36 @@ def assert_run_outputs(workdir: pathlib.Path, step: int, image_px: int = 8):
 
 def lsun_tiny_config(data_dir, **training_overrides):
     """configs/lsun_church.py's data (LSUN church, images of varying sizes, the validation split held out) on the
-    tiny network at 8x8. Under mock_data, download=True only lets the mock splits count as prepared."""
+    tiny network at 8x8, streamed as the real split would be. Under mock_data, download=True only lets the mock splits
+    count as prepared, and the mock's data source serves random access."""
     config = tiny_config(data_dir, **training_overrides)
     lsun = load_config("lsun_church").data
-    config.data.update(dataset=lsun.dataset, eval_split=lsun.eval_split, random_flip=lsun.random_flip, download=True)
+    config.data.update(
+        dataset=lsun.dataset, eval_split=lsun.eval_split, random_flip=lsun.random_flip, download=True, reader="stream"
+    )
     return config
 
 
-def test_a_tiny_run_trains_samples_checkpoints_and_resumes_on_mock_data(tmp_path, capsys):
-    """An LSUN-config run (tiny network, mock LSUN church: images of varying sizes) end to end."""
-    import tensorflow_datasets as tfds
-
+def test_an_lsun_run_streams_trains_samples_and_resumes_bit_identically_on_mock_data(tmp_path, capsys):
+    """An LSUN-config run (tiny network, mock LSUN church: images of varying sizes, streamed) end to end: stopped at
+    step 4 and resumed to 6, its parameters equal those of a run that went to 6 at once, bit for bit."""
     workdir = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=32, data_dir=str(tmp_path / "data")):
         state = experiment.train_and_evaluate(lsun_tiny_config(tmp_path / "data"), workdir)
         assert int(state.step) == 4
         assert_run_outputs(workdir, 4)
         out = capsys.readouterr().out
+        assert "Data: lsun/church_outdoor train, streamed from ArrayRecord (32 images" in out
         assert "step 4/4" in out and "eval bits/dim" in out and "wrote" in out
         # Asked for two more steps, the run resumes from its checkpoint instead of starting over.
         resumed = experiment.train_and_evaluate(lsun_tiny_config(tmp_path / "data", num_steps=6), workdir)
         resumed_out = capsys.readouterr().out
         assert "Resuming from the checkpoint at step 4" in resumed_out
         assert int(resumed.step) == 6
-        assert (workdir / "checkpoints" / "6").is_dir()
+        assert_run_outputs(workdir, 6)
+        uninterrupted = experiment.train_and_evaluate(lsun_tiny_config(tmp_path / "data", num_steps=6), tmp_path / "b")
+        for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(uninterrupted), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # The logged scalars of both sessions read back as one series, equal to the printed lines.
         metrics = logs.read_metrics(workdir)
         steps, losses = metrics["loss"]

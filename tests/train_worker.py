@@ -28,7 +28,7 @@ if args.processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.processes, args.process)
 
 from jaxdiff import checkpoints, parallel, pipeline, training  # noqa: E402
-from jaxdiff.data import Batches  # noqa: E402
+from jaxdiff.data import Batches, InMemory  # noqa: E402
 from jaxdiff.models import UNetConfig, init_params, make_apply  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
 
@@ -41,8 +41,7 @@ opt = training.OptimConfig(lr=1e-3, warmup_steps=2)
 optimizer = training.make_optimizer(opt)
 images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype(np.uint8)
 batches = Batches(
-    images,
-    None,
+    InMemory(images),
     global_batch=GLOBAL_BATCH,
     seed=0,
     process_index=jax.process_index(),
