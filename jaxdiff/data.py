@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -129,19 +130,59 @@ def load_split(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole split as ``(images uint8 [N, S, S, C], labels int32 [N] or None)``, S = config.image_size.
 
+    A dataset stored as ArrayRecord (the built-in digits; any dataset built with ``tfds build
+    --file_format=array_record``) is read as :class:`Streamed` reads it, chunk by chunk on its threads, and without
+    TensorFlow (whose import is ~3.5 s of a process's start) unless images need resizing; a TFRecord one through
+    tf.data. Either way only the resized images are kept.
+
     Raises:
       ValueError: an unknown dataset name, or a dataset without the image feature.
       FileNotFoundError: the dataset is not prepared in data_dir and ``download`` is False (says how to prepare it).
     """
     builder = builder or _prepared_builder(config)
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        return _read_all(_streamed(builder, config), config)
+    chunks = _read_chunks(builder, config.split, config.image_key, config.label_key, config.image_size)
     images, labels = [], []
-    for chunk in _read_chunks(builder, config.split, config.image_key, config.image_size):
-        images.append(resize_square(np.asarray(chunk[config.image_key]), config.image_size))
-        if config.label_key in chunk:
-            labels.append(np.asarray(chunk[config.label_key], np.int32))
+    for chunk_images, chunk_labels in chunks:
+        images.append(chunk_images)
+        if chunk_labels is not None:
+            labels.append(chunk_labels)
     if not images:
         raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def _read_all(split: Streamed, config: DataConfig, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every row of ``split``, read ``chunk`` at a time into one array (the memory of the split and one chunk)."""
+    n = len(split)
+    if not n:
+        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
+    images = np.empty((n, config.image_size, config.image_size, split.channels), np.uint8)
+    labels = np.empty(n, np.int32) if split.has_labels else None
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        images[rows], chunk_labels = split.read(rows)
+        if labels is not None:
+            labels[rows] = chunk_labels
+    return images, labels
+
+
+def _read_chunks(
+    builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str, image_size: int, size: int = 4096
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """A TFRecord split through tf.data, as ``(images, labels or None)`` batches of ``size`` at ``image_size``.
+    Images of varying sizes (LSUN, CelebA) are centre-cropped and resized one by one (as :func:`resize_square`)
+    before they are batched."""
+    dataset = builder.as_dataset(split=split)
+    if None in builder.info.features[image_key].shape[:2]:
+        import tensorflow as tf
+
+        square = lambda example: {**example, image_key: _resize_square_tf(example[image_key], image_size)}
+        dataset = dataset.map(square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for chunk in tfds.as_numpy(dataset.batch(size)):
+        labels = np.asarray(chunk[label_key], np.int32) if label_key in chunk else None
+        yield resize_square(np.asarray(chunk[image_key]), image_size), labels
 
 
 class InMemory:
@@ -174,14 +215,23 @@ class Streamed:
       image_key, label_key: the features to read (``label_key`` None: no labels).
       image_size: the output height = width.
       channels: the images' channels.
-      threads: how many examples are read at once.
+      threads: how many examples are read at once (None: two per CPU core, at most 16; ``benchmarks/input_speed.py``
+        measures 1 to 16).
     """
 
     def __init__(
-        self, source, *, image_key: str, label_key: str | None, image_size: int, channels: int, threads: int = 16
+        self,
+        source,
+        *,
+        image_key: str,
+        label_key: str | None,
+        image_size: int,
+        channels: int,
+        threads: int | None = None,
     ):
         self.source, self.image_key, self.label_key = source, image_key, label_key
         self.image_size, self.channels, self.has_labels = image_size, channels, label_key is not None
+        threads = threads or min(16, 2 * (os.cpu_count() or 1))
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxdiff-read")
 
     def __len__(self) -> int:
@@ -237,9 +287,18 @@ def open_split(config: DataConfig) -> InMemory | Streamed:
             f"--file_format=array_record --data_dir=<a new directory>` and point config.data.data_dir there (or set "
             "config.data.reader='memory' if this host has the memory)."
         ) from e
-    label_key = config.label_key if config.label_key in builder.info.features else None
+    return _streamed(builder, config, source)
+
+
+def _streamed(builder: tfds.core.DatasetBuilder, config: DataConfig, source=None) -> Streamed:
+    """:class:`Streamed` over ``config``'s split of an ArrayRecord dataset."""
+    features = builder.info.features
     return Streamed(
-        source, image_key=config.image_key, label_key=label_key, image_size=config.image_size, channels=channels
+        source if source is not None else builder.as_data_source(split=config.split),
+        image_key=config.image_key,
+        label_key=config.label_key if config.label_key in features else None,
+        image_size=config.image_size,
+        channels=features[config.image_key].shape[-1] or 3,
     )
 
 
@@ -253,31 +312,6 @@ def _split_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
 
 def _gigabytes(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MB"
-
-
-def _read_chunks(
-    builder: tfds.core.DatasetBuilder, split: str, image_key: str, image_size: int, size: int = 4096
-) -> Iterator[dict[str, np.ndarray]]:
-    """The split's examples as numpy batches of ``size``. A dataset stored as ArrayRecord (the built-in digits; any
-    dataset built with ``tfds build --file_format=array_record``) is read without TensorFlow, whose import is ~3.5 s
-    of a process's start; a TFRecord one through tf.data. Images of varying sizes (LSUN, CelebA) are centre-cropped
-    and resized to ``image_size`` one by one (as :func:`resize_square`) before they are batched."""
-    varying = None in builder.info.features[image_key].shape[:2]
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        dataset = builder.as_dataset(split=split)
-        if varying:
-            import tensorflow as tf
-
-            square = lambda example: {**example, image_key: _resize_square_tf(example[image_key], image_size)}
-            dataset = dataset.map(square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        yield from tfds.as_numpy(dataset.batch(size))
-        return
-    source = builder.as_data_source(split=split)
-    for start in range(0, len(source), size):
-        examples = [source[i] for i in range(start, min(start + size, len(source)))]
-        if varying:
-            examples = [{**e, image_key: resize_square(e[image_key][None], image_size)[0]} for e in examples]
-        yield {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 def _resize_square_tf(image, size: int):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel
-from jaxdiff.data import DataConfig, load_split
+from jaxdiff.data import DataConfig, InMemory, load_split, open_split
 from jaxdiff.logs import log
 from jaxdiff.xla_flags import jaxdiff_cache_dir
 
@@ -199,13 +199,34 @@ def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | 
             return FeatureStats.load(path)
         except (OSError, ValueError, KeyError) as e:
             log(f"The cached statistics {path} are unreadable ({e}); computing them again.")
-    images, _ = load_split(dataclasses.replace(data, random_flip=False))
-    log(f"Computing the {extractor.name} statistics of {data.dataset} {data.split} ({len(images)} images) once...")
-    features, _ = extractor(images)
-    stats = feature_stats(features)
+    split = open_split(dataclasses.replace(data, random_flip=False))
+    log(f"Computing the {extractor.name} statistics of {data.dataset} {data.split}, {split.describe()}, once...")
+    if isinstance(split, InMemory):
+        stats = feature_stats(extractor(split.images)[0])
+    else:
+        stats = streamed_feature_stats(extractor, split)
     stats.save(path)
     log(f"Cached them in {path}.")
     return stats
+
+
+def streamed_feature_stats(extractor, split, chunk: int = 10_000) -> FeatureStats:
+    """:func:`feature_stats` of a split too large for memory (:class:`jaxdiff.data.Streamed`), ``chunk`` images at a
+    time: the sums of the features and of their outer products in float64, then ``mu = sum / n`` and
+    ``sigma = (sum_outer - n mu mu^T) / (n - 1)``. Memory: one chunk and two ``[D, D]`` float64 sums, whatever N."""
+    n = len(split)
+    if n < 2:
+        raise ValueError(f"Feature statistics need at least 2 samples, got {n}.")
+    total, outer = None, None
+    for start in range(0, n, chunk):
+        images, _ = split.read(np.arange(start, min(start + chunk, n)))
+        features = extractor(images)[0].astype(np.float64)
+        if total is None:
+            total, outer = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
+        total += features.sum(axis=0)
+        outer += features.T @ features
+    mu = total / n
+    return FeatureStats(mu, (outer - n * np.outer(mu, mu)) / (n - 1), n)
 
 
 def sample_quality(

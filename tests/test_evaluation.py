@@ -236,6 +236,22 @@ def test_the_digits_metrics_rank_real_digits_above_damaged_ones(digits, tmp_path
     np.testing.assert_array_equal(again.mu, reference.mu)
 
 
+def test_the_statistics_of_a_streamed_split_equal_those_of_the_split_in_memory(digits, tmp_path):
+    """A split too large for memory is judged chunk by chunk (sums of features and of their outer products): the
+    same mean and covariance as the two-pass statistics of the whole split, here in chunks of 400 of 1,500."""
+    from jaxdiff.data import open_split
+
+    clf = digits[2]
+    reference = evaluation.reference_stats(clf, DataConfig("digits", "train"), tmp_path)
+    streamed = evaluation.streamed_feature_stats(clf, open_split(DataConfig("digits", "train", reader="stream")), 400)
+    assert streamed.num == reference.num == 1500
+    np.testing.assert_allclose(streamed.mu, reference.mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(streamed.sigma, reference.sigma, rtol=1e-9, atol=1e-9 * np.abs(reference.sigma).max())
+    # Read by the streamed path end to end (nothing cached under this directory yet), the same statistics.
+    again = evaluation.reference_stats(clf, DataConfig("digits", "train", reader="stream"), tmp_path / "s")
+    np.testing.assert_allclose(again.sigma, reference.sigma, rtol=1e-9, atol=1e-9 * np.abs(reference.sigma).max())
+
+
 def test_conditional_accuracy_and_the_distance_per_class_judge_samples_against_their_labels(digits, tmp_path):
     (_, _), (test_x, test_y), clf = digits
     reference = evaluation.reference_stats(clf, DataConfig("digits", "train"), tmp_path)

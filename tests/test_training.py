@@ -311,13 +311,18 @@ class _CountedReads:
 @pytest.mark.parametrize("image_size", [8, 6, 12])  # as stored, shrunk (area filter), grown (bilinear)
 def test_a_streamed_split_gives_the_in_memory_batches_and_each_process_reads_only_its_rows(tmp_path, image_size):
     """Two processes, batches of 512 out of 1,500 digits (step 2 crosses into the second epoch), flips on: the rows
-    each process reads at random are its own rows of the global batch, and the batches equal the in-memory ones."""
-    from jaxdiff.data import Streamed, open_split
+    each process reads at random are its own rows of the global batch, and its batches equal those cut from the
+    whole split in memory, resized at once (the tf.data path's way; the stream resizes image by image)."""
+    from jaxdiff.data import Streamed, open_split, resize_square
 
     data = DataConfig(dataset="digits", image_size=image_size, data_dir=str(tmp_path), random_flip=True)
-    memory, streamed = open_split(data), open_split(dataclasses.replace(data, reader="stream"))
-    assert isinstance(memory, InMemory) and isinstance(streamed, Streamed)
+    streamed = open_split(dataclasses.replace(data, reader="stream"))
+    assert isinstance(streamed, Streamed) and isinstance(open_split(data), InMemory)
     assert len(streamed) == 1500 and streamed.channels == 1 and streamed.has_labels
+    raw = [streamed.source[i] for i in range(1500)]
+    memory = InMemory(
+        resize_square(np.stack([e["image"] for e in raw]), image_size), np.asarray([e["label"] for e in raw])
+    )
     for process in range(2):
         counted = _CountedReads(streamed.source)
         streamed.source = counted
