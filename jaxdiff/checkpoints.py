@@ -1,15 +1,17 @@
 """Checkpoints of a run under ``workdir/checkpoints`` with Orbax, and the SIGTERM (preemption) watch.
 
-Each step's checkpoint holds three items: ``state`` (the TrainState, StandardSave/StandardRestore onto the target's
-shardings), ``config`` (the run's config as JSON, for people and tools) and ``spec`` (what the trained network is, as
-JSON: :class:`jaxdiff.pipeline.ModelSpec`), so a workdir alone is enough to sample (:func:`load_for_sampling`). This
-module knows nothing of the network: the caller says what the parameters look like.
+Each step's checkpoint holds four items: ``state`` (the TrainState, StandardSave/StandardRestore onto the target's
+shardings), ``config`` (the run's config as JSON, for people and tools), ``spec`` (what the trained network is, as
+JSON: :class:`jaxdiff.pipeline.ModelSpec`), so a workdir alone is enough to sample (:func:`load_for_sampling`), and
+``fingerprint`` (a checksum of each array of the state: :func:`fingerprint`). This module knows nothing of the
+network: the caller says what the parameters look like.
 
 Guarantees:
   - a checkpoint is finalised atomically (Orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it), so a crash
     mid-save leaves a temporary directory that is ignored (and removed when the next run starts);
   - restoring tries the newest checkpoint first; one that cannot be read (files missing or truncated, values not
-    finite) is reported with a warning and the one before it is tried; unreadable ones are moved aside to
+    finite, arrays that differ from the fingerprint saved with them: bytes changed on disk, which Orbax does not
+    detect) is reported with a warning and the one before it is tried; unreadable ones are moved aside to
     ``workdir/checkpoints_unreadable`` (never deleted) once an older one has been read, so the resumed run can save
     its own checkpoints at those steps; if none can be read, nothing is touched and the error lists every reason.
 """
@@ -27,11 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdiff.parallel import all_finite
 
-ITEMS = ("state", "config", "spec")
+ITEMS = ("state", "config", "spec", "fingerprint")
 LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
 UNREADABLE = "checkpoints_unreadable"
 
@@ -65,8 +68,48 @@ def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, spec: dict
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(dict(config)),
             spec=ocp.args.JsonSave(dict(spec)),
+            fingerprint=ocp.args.JsonSave(fingerprint(state)),
         ),
     )
+
+
+def fingerprint(tree) -> dict[str, int]:
+    """A checksum of each array of ``tree``, by its path (``ema_params/conv_in/kernel``), computed on the host.
+
+    Each array's bits, as unsigned 32-bit words ``w_i`` (narrower types widened, wider ones split), give
+    ``sum_i (2 i + 1) w_i mod 2^32``. Any change of a single element changes it (an odd factor times a non-zero
+    difference is non-zero mod 2^32); a restore that does not reproduce it read bytes that were changed on disk.
+    The arrays must be fully replicated (a run's state is) or addressable from this process.
+    """
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): _checksum(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _checksum(x) -> int:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            raise ValueError("fingerprint() needs replicated or addressable arrays; this one is sharded over hosts.")
+        x = x.addressable_data(0)
+    x = np.asarray(x)
+    x = x.view(np.uint8) if x.dtype == np.bool_ else x
+    words = x.reshape(-1).view(f"uint{8 * x.dtype.itemsize}")
+    words = words.view(np.uint32) if x.dtype.itemsize > 4 else words
+    odd = 2 * np.arange(words.size, dtype=np.uint64) + 1
+    return int(np.sum(words.astype(np.uint64) * odd, dtype=np.uint64) % 2**32)
+
+
+def check_fingerprint(mngr: ocp.CheckpointManager, step: int, tree, prefix: str = "") -> None:
+    """Raise ValueError unless each array of ``tree`` (restored from checkpoint ``step``; its paths under ``prefix``)
+    has the checksum saved with it. A checkpoint saved before jaxdiff wrote fingerprints passes."""
+    if not (pathlib.Path(mngr.directory) / str(step) / "fingerprint").exists():
+        return
+    saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+    for path, value in fingerprint(tree).items():
+        name = f"{prefix}/{path}" if prefix else path
+        if saved.get(name) != value:
+            raise ValueError(f"its array {name} differs from the fingerprint saved with it (changed on disk)")
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -110,6 +153,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
             if not bool(all_finite(restored)):
                 raise ValueError("it holds non-finite values")
+            check_fingerprint(mngr, step, restored)
             return restored, skipped
         except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint; each is reported
             reason = _reason(e)
@@ -190,6 +234,7 @@ def _read_for_sampling(mngr: ocp.CheckpointManager, step: int, params_like: Call
     ema = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["ema_params"]
     if not bool(all_finite(ema)):
         raise ValueError("it holds non-finite values")
+    check_fingerprint(mngr, step, ema, prefix="ema_params")
     return SamplingCheckpoint(config, spec, ema, step)
 
 

@@ -10,6 +10,7 @@ Reading a ``.safetensors`` file needs no PyTorch; a ``.bin`` file is read with `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -184,11 +185,38 @@ def check_all_matched(missing: list[str], unexpected: list[str], mismatched: lis
         raise ValueError(f"{header} " + "; ".join(parts) + ".")
 
 
+def _check_download_digest(path: pathlib.Path) -> None:
+    """A weights file in the Hugging Face cache links to ``blobs/<its SHA-256>``: check the bytes still match (the
+    hub stores large files under their digest), so that a file changed after its download is an error, not weights.
+    Files elsewhere carry no digest and are read as they are."""
+    blob = path.resolve()
+    if blob.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return
+    digest = hashlib.sha256()
+    with open(blob, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != blob.name:
+        raise ValueError(
+            f"{path} has changed since it was downloaded (its SHA-256 is {digest.hexdigest()[:12]}..., the hub's "
+            f"{blob.name[:12]}...). Delete {blob} and download it again."
+        )
+
+
 def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
+    _check_download_digest(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
+        odd = sorted(k for k, v in tensors.items() if v.dtype.kind != "f")
+        if odd:
+            raise ValueError(f"{path} holds tensors that are not floating point ({', '.join(odd[:3])}): not weights.")
+        return tensors
     try:
         import torch
     except ImportError as e:
@@ -261,5 +289,11 @@ def load_diffusers_unet(
       dropout, dtype: set on the returned config (dropout only matters for fine-tuning).
     """
     config_file, weights_file = _find_checkpoint(diffusers_folder(path_or_repo, download))
-    config = unet_config_from_diffusers(json.loads(config_file.read_text()), dropout=dropout, dtype=dtype)
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); download it again.") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} holds no diffusers config (a JSON object); download it again.")
+    config = unet_config_from_diffusers(raw, dropout=dropout, dtype=dtype)
     return convert_diffusers_state_dict(_read_weights(weights_file), config), config

@@ -126,16 +126,19 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path} is in PyTorch's legacy (pre-1.6) format, which jaxdiff does not read (reading it safely needs "
                 "its storages' layout). Re-save it once as a zip file: `torch.save(torch.load(old), new)`."
             )
+    pkl = None
     try:
         with zipfile.ZipFile(path) as archive:
             pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if not pkl:
-                raise ValueError(f"{path} holds no data.pkl: not a PyTorch file saved with torch.save/torch.jit.save.")
-            root = pkl[0].rsplit("/", 1)[0]
-            with archive.open(pkl[0]) as f:
-                obj = _Unpickler(f, archive, root).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch zip file ({e}); download it again.") from e
+            if pkl:
+                with archive.open(pkl[0]) as f:
+                    obj = _Unpickler(f, archive, pkl[0].rsplit("/", 1)[0]).load()
+    except Exception as e:  # a damaged archive or pickle fails in many ways (CRC, names, opcodes, versions, bounds)
+        raise ValueError(
+            f"{path} is not a readable PyTorch zip file ({type(e).__name__}: {e}); download it again."
+        ) from e
+    if not pkl:
+        raise ValueError(f"{path} holds no data.pkl: not a PyTorch file saved with torch.save/torch.jit.save.")
     out: dict[str, np.ndarray] = {}
     _flatten(obj, "", out)
     return out
