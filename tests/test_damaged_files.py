@@ -63,18 +63,10 @@ def test_damaged_pth_files_give_a_clear_error_or_the_original_tensors(tmp_path, 
 @pytest.mark.torch
 def test_damaged_safetensors_give_a_clear_error_or_at_most_the_changed_bytes(tmp_path, subprocess_env):
     from tests.helpers import diffusers_unet
+    from tests.test_convert import SMALL
 
     folder = tmp_path / "unet"
-    model = diffusers_unet(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    model.save_pretrained(folder, safe_serialization=True)
+    diffusers_unet(**SMALL["attention-learned-sigma-classes"]).save_pretrained(folder, safe_serialization=True)
     lines = damaged_reads("safetensors", folder, tmp_path, subprocess_env)
     # Each error names the file, or the setting or tensor at fault (a config that parses but is not a DDPM UNet's,
     # tensors that a changed name or shape no longer matches).
