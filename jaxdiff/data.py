@@ -449,7 +449,9 @@ class Batches:
         """Batches for start_step, start_step + 1, ... read ``prefetch`` steps ahead on a thread.
 
         ``transfer`` (e.g. onto the devices: ``lambda b: parallel.global_batch(b, mesh)``) runs on that thread too, so
-        that the step finds its batch already in place; the iterator then yields what it returns.
+        that the step finds its batch already in place; the iterator then yields what it returns. Close the iterator
+        (``.close()``) when done: that stops the thread and waits for it, so that no transfer is cut off by the
+        process's exit (a daemon thread killed inside XLA aborts the interpreter).
         """
         results: dict[int, object] = {}
         ready = threading.Condition()
@@ -472,7 +474,7 @@ class Batches:
                     return
                 step += 1
 
-        worker = threading.Thread(target=produce, daemon=True)
+        worker = threading.Thread(target=produce, daemon=True, name="jaxdiff-batches")
         worker.start()
         step = start_step
         try:
@@ -488,6 +490,7 @@ class Batches:
                 step += 1
         finally:
             stop.set()
+            worker.join()
 
 
 @dataclasses.dataclass

@@ -185,13 +185,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer = actions.Checkpointer(manager, config_json, spec)
     after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
     first, last = int(state.step), run.training.num_steps
+    on_devices = batches.iterate(first, transfer=lambda local: parallel.global_batch(local, mesh))
     try:
-        on_devices = batches.iterate(first, transfer=lambda local: parallel.global_batch(local, mesh))
         for step, batch in zip(range(first, last), on_devices, strict=False):
             state, metrics = step_fn(state, batch)
             if after_step(step + 1, state, metrics):
                 break
     finally:
+        on_devices.close()  # the reading thread stops before the process may exit (it may be in a device transfer)
         after_step.close()  # a save in flight finishes even when the run stops with an error
         manager.close()
         writer.close()

@@ -338,6 +338,24 @@ def test_a_streamed_split_gives_the_in_memory_batches_and_each_process_reads_onl
         streamed.source = counted.source
 
 
+def test_closing_the_iterator_stops_its_reading_thread_and_waits_for_it():
+    """A run stops its batches before it exits: a reading thread cut off inside a device transfer at the process's
+    exit aborts the interpreter. Closing waits for the batch in flight."""
+    import threading
+    import time
+
+    def slow_transfer(batch):
+        time.sleep(0.3)
+        return batch
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    batches = Batches(InMemory(images), global_batch=2, seed=0).iterate(0, transfer=slow_transfer)
+    next(batches)  # the thread is now reading (and transferring) the batches after it
+    assert any(t.name == "jaxdiff-batches" for t in threading.enumerate())
+    batches.close()
+    assert not any(t.name == "jaxdiff-batches" for t in threading.enumerate())
+
+
 class SquaresForTests(tfds.core.GeneratorBasedBuilder):
     """Four 5x5 images (the test prepares them as TFRecord, which has no random access)."""
 
