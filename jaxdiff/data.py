@@ -264,16 +264,14 @@ def open_split(config: DataConfig) -> InMemory | Streamed:
         TFRecord, which has no random access (the message gives the command that rebuilds it as ArrayRecord).
     """
     builder = _prepared_builder(config)
-    feature = builder.info.features[config.image_key]
-    channels = feature.shape[-1] or 3
-    decoded = _split_examples(builder, config.split) * config.image_size**2 * channels
+    decoded = _split_examples(builder, config.split) * config.image_size**2 * _channels(builder, config)
     reader = config.reader
     if reader == "auto":
         reader = "memory" if decoded <= config.memory_limit_gb * 2**30 else "stream"
     if reader == "memory":
         return InMemory(*load_split(config, builder))
     try:
-        source = builder.as_data_source(split=config.split)
+        return _streamed(builder, config)
     except NotImplementedError as e:
         why = (
             "config.data.reader='stream'"
@@ -287,19 +285,22 @@ def open_split(config: DataConfig) -> InMemory | Streamed:
             f"--file_format=array_record --data_dir=<a new directory>` and point config.data.data_dir there (or set "
             "config.data.reader='memory' if this host has the memory)."
         ) from e
-    return _streamed(builder, config, source)
 
 
-def _streamed(builder: tfds.core.DatasetBuilder, config: DataConfig, source=None) -> Streamed:
-    """:class:`Streamed` over ``config``'s split of an ArrayRecord dataset."""
-    features = builder.info.features
+def _streamed(builder: tfds.core.DatasetBuilder, config: DataConfig) -> Streamed:
+    """:class:`Streamed` over ``config``'s split (NotImplementedError from TFDS if it is not stored as ArrayRecord)."""
     return Streamed(
-        source if source is not None else builder.as_data_source(split=config.split),
+        builder.as_data_source(split=config.split),
         image_key=config.image_key,
-        label_key=config.label_key if config.label_key in features else None,
+        label_key=config.label_key if config.label_key in builder.info.features else None,
         image_size=config.image_size,
-        channels=features[config.image_key].shape[-1] or 3,
+        channels=_channels(builder, config),
     )
+
+
+def _channels(builder: tfds.core.DatasetBuilder, config: DataConfig) -> int:
+    """The image feature's channels (3 where the metadata leaves them open)."""
+    return builder.info.features[config.image_key].shape[-1] or 3
 
 
 def _split_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
