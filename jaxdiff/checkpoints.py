@@ -95,9 +95,10 @@ def _checksum(x) -> int:
     x = np.asarray(x)
     x = x.view(np.uint8) if x.dtype == np.bool_ else x
     words = x.reshape(-1).view(f"uint{8 * x.dtype.itemsize}")
-    words = words.view(np.uint32) if x.dtype.itemsize > 4 else words
-    odd = 2 * np.arange(words.size, dtype=np.uint64) + 1
-    return int(np.sum(words.astype(np.uint64) * odd, dtype=np.uint64) % 2**32)
+    words = (words.view(np.uint32) if x.dtype.itemsize > 4 else words).astype(np.uint32, copy=False)
+    # uint32 products and sums wrap around: the sum mod 2^32 directly (4x faster than in uint64, then mod).
+    odd = np.arange(1, 2 * words.size, 2, dtype=np.uint32)
+    return int(np.sum(words * odd, dtype=np.uint32))
 
 
 def check_fingerprint(mngr: ocp.CheckpointManager, step: int, tree, prefix: str = "") -> None:

@@ -24,7 +24,7 @@ from jax.experimental.multihost_utils import sync_global_devices
 from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline
 from jaxdiff.data import DataConfig, InMemory, Streamed, make_batches, num_classes, open_split
 from jaxdiff.logs import log
-from jaxdiff.models.unet import UNetConfig, init_params, make_apply
+from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
 from jaxdiff.pipeline import DiffusionConfig, ModelSpec
 from jaxdiff.training import (
     OptimConfig,
@@ -279,11 +279,12 @@ def _initial_state(
     """The state to start from (the newest readable checkpoint, else a fresh one) on the mesh, and the manager."""
     manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints)
     T = run.diffusion.num_timesteps
-    fresh = lambda: init_train_state(init_params(network, run_keys(run.seed)[0]), optimizer, T)
-    target = checkpoints.abstract(jax.eval_shape(fresh), parallel.replicated(mesh))
+    # One jitted program builds the EMA copy and the optimizer's zeros (eagerly, each leaf's shape compiled its own).
+    from_params = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
+    target = checkpoints.abstract(jax.eval_shape(from_params, abstract_params(network)), parallel.replicated(mesh))
     state, skipped = checkpoints.restore_latest(manager, target)
     if state is None:
-        return parallel.replicate(fresh(), mesh), manager
+        return from_params(parallel.replicate(init_params(network, run_keys(run.seed)[0]), mesh)), manager
     if skipped:
         # Set the unreadable newer checkpoints aside (kept), so that this run can save at those steps again.
         steps = [s for s, _ in skipped]

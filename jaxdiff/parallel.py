@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -69,7 +68,23 @@ def jit_batched(fn: Callable, mesh: Mesh, batch_args: tuple[bool, ...]) -> Calla
     return jax.jit(fn, in_shardings=in_shardings, out_shardings=batch_sharding(mesh))
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """A scalar bool: every element of every leaf is finite (no copy of the tree is made)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+def all_finite(tree) -> bool:
+    """True when every element of every array of ``tree`` is finite, checked on the host, with nothing to compile.
+
+    A fully replicated array (a run's state is one) is read from this process's first copy, so every process gives
+    the same answer; any other array from each distinct shard this process holds. A jitted check compiled one
+    reduction per leaf, ~3 s for the digits train state's 250 leaves, at every start that saves or restores; this
+    one reads each array once (0.1 s for the 572 MB CIFAR-10 train state, which a save copies to the host anyway).
+    """
+    return all(bool(np.isfinite(part).all()) for leaf in jax.tree_util.tree_leaves(tree) for part in _host_parts(leaf))
+
+
+def _host_parts(x) -> list[np.ndarray]:
+    if not isinstance(x, jax.Array):
+        return [np.asarray(x)]
+    if x.is_fully_replicated:
+        return [np.asarray(x.addressable_data(0))]
+    distinct = {}
+    for shard in x.addressable_shards:
+        distinct.setdefault(str(shard.index), shard.data)
+    return [np.asarray(data) for data in distinct.values()]

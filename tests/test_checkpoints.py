@@ -113,6 +113,28 @@ def test_non_finite_values_on_disk_count_as_unreadable(tmp_path):
     assert int(state.step) == 2
 
 
+def test_the_finiteness_check_finds_one_bad_element_in_any_kind_of_leaf():
+    mesh = parallel.make_mesh()
+    tree = {
+        "f32": jnp.ones((5, 3)),
+        "bf16": jnp.ones((4,), jnp.bfloat16),
+        "int": jnp.arange(3),
+        "host": np.zeros((2, 2), np.float32),
+        "sharded": jax.device_put(jnp.ones((8, 2)), parallel.batch_sharding(mesh)),
+        "replicated": parallel.replicate(jnp.ones((3,)), mesh),
+    }
+    assert parallel.all_finite(tree) is True
+    bad_values = {"f32": jnp.nan, "bf16": jnp.inf, "host": -np.inf, "sharded": jnp.nan, "replicated": -jnp.inf}
+    for name, value in bad_values.items():
+        leaf = tree[name]
+        if isinstance(leaf, np.ndarray):
+            bad = leaf.copy()
+            bad.flat[-1] = value
+        else:
+            bad = jax.device_put(leaf.reshape(-1).at[-1].set(value).reshape(leaf.shape), leaf.sharding)
+        assert parallel.all_finite({**tree, name: bad}) is False, name
+
+
 def test_a_leftover_temporary_directory_is_ignored(tmp_path):
     save_steps(tmp_path, (2,))
     leftover = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1732800000000000"
