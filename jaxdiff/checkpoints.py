@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdiff.parallel import all_finite
+from jaxdiff.parallel import all_finite, to_host
 
 ITEMS = ("state", "config", "spec", "fingerprint")
 LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
@@ -88,11 +88,7 @@ def fingerprint(tree) -> dict[str, int]:
 
 
 def _checksum(x) -> int:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.sharding.is_fully_replicated:
-            raise ValueError("fingerprint() needs replicated or addressable arrays; this one is sharded over hosts.")
-        x = x.addressable_data(0)
-    x = np.asarray(x)
+    x = to_host(x)
     x = x.view(np.uint8) if x.dtype == np.bool_ else x
     words = x.reshape(-1).view(f"uint{8 * x.dtype.itemsize}")
     words = (words.view(np.uint32) if x.dtype.itemsize > 4 else words).astype(np.uint32, copy=False)
