@@ -8,6 +8,7 @@ typed arguments. The training loop is a few lines: a step, then the named period
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -18,7 +19,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline
@@ -172,18 +172,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     network = run.network(batches.data.channels, classes)
     spec = ModelSpec(network, run.diffusion, run.sampling.clip_x0, run.data, run.sampling.guidance)
     optimizer = make_optimizer(run.optim)
-    state, manager = _initial_state(workdir, run, spec.network, optimizer, mesh)
-    pipe = pipeline.from_spec(spec, state.ema_params, f"{workdir} (training)")
+    # One jitted program builds a fresh state's EMA copy and optimizer zeros (eagerly, each leaf shape compiled one).
+    T = run.diffusion.num_timesteps
+    fresh = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
+    target = checkpoints.abstract(jax.eval_shape(fresh, abstract_params(network)), parallel.replicated(mesh))
+    pipe = pipeline.from_spec(spec, None, f"{workdir} (training)")  # its parameters: the state's EMA, below
     train_step = make_train_step(
-        make_apply(spec.network), pipe.schedule, run.diffusion, optimizer, run.optim, run.seed, pipe.null_class
+        make_apply(network), pipe.schedule, run.diffusion, optimizer, run.optim, run.seed, pipe.null_class
     )
     step_fn = shard_train_step(train_step, mesh)
-    config_json = json.loads(config.to_json_best_effort())
-    if logs.is_main_process():
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
-    writer = logs.metric_writer(workdir)
-    checkpointer = actions.Checkpointer(manager, config_json, spec)
-    after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
+    # The step compiles (or loads from the compilation cache) on a thread while this one restores or builds the state.
+    compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-compile")
+    compiled = compiler.submit(lambda: step_fn.lower(target, _batch_spec(run, network, mesh)).compile())
+    try:
+        state, manager = _initial_state(workdir, run, network, mesh, fresh, target)
+        pipe = dataclasses.replace(pipe, params=state.ema_params)
+        config_json = json.loads(config.to_json_best_effort())
+        if logs.is_main_process():
+            (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
+        writer = logs.metric_writer(workdir)
+        checkpointer = actions.Checkpointer(manager, config_json, spec)
+        after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
+    finally:
+        compiler.shutdown(wait=True)
+    compiled.result()  # a compile error is raised here
     first, last = int(state.step), run.training.num_steps
     on_devices = batches.iterate(first, transfer=lambda local: parallel.global_batch(local, mesh))
     try:
@@ -197,6 +209,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         manager.close()
         writer.close()
     return state
+
+
+def _batch_spec(run: RunConfig, network: UNetConfig, mesh) -> dict:
+    """The shapes of the global batch that the train step gets: ``Batches.at``'s arrays as ``parallel.global_batch``
+    places them on the mesh."""
+    sharding = parallel.batch_sharding(mesh)
+    b, size, channels = run.training.batch_size, network.image_size, network.in_channels
+    return {
+        "image": jax.ShapeDtypeStruct((b, size, size, channels), np.float32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=sharding),
+    }
 
 
 def _classes(data: DataConfig, split: InMemory | Streamed) -> int | None:
@@ -273,18 +296,12 @@ def _writable(workdir: pathlib.Path) -> pathlib.Path:
     return workdir
 
 
-def _initial_state(
-    workdir: pathlib.Path, run: RunConfig, network: UNetConfig, optimizer: optax.GradientTransformation, mesh
-):
+def _initial_state(workdir: pathlib.Path, run: RunConfig, network: UNetConfig, mesh, fresh, target):
     """The state to start from (the newest readable checkpoint, else a fresh one) on the mesh, and the manager."""
     manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints)
-    T = run.diffusion.num_timesteps
-    # One jitted program builds the EMA copy and the optimizer's zeros (eagerly, each leaf's shape compiled its own).
-    from_params = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
-    target = checkpoints.abstract(jax.eval_shape(from_params, abstract_params(network)), parallel.replicated(mesh))
     state, skipped = checkpoints.restore_latest(manager, target)
     if state is None:
-        return from_params(parallel.replicate(init_params(network, run_keys(run.seed)[0]), mesh)), manager
+        return fresh(parallel.replicate(init_params(network, run_keys(run.seed)[0]), mesh)), manager
     if skipped:
         # Set the unreadable newer checkpoints aside (kept), so that this run can save at those steps again.
         steps = [s for s, _ in skipped]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -146,6 +147,15 @@ def test_the_parameters_are_a_function_of_the_key_alone():
         np.testing.assert_array_equal(_flat(batched)[name][1], other[name])
     kernels = [name for name in eager if name.endswith("['kernel']")]
     assert all(not np.array_equal(eager[name], other[name]) for name in kernels)
+
+
+def test_an_eager_draw_compiles_nothing(caplog):
+    key = jax.random.key(5)
+    init_params(variant(num_classes=None), key)  # reading the key's words may compile once per process
+    caplog.set_level(logging.DEBUG, logger="jax._src.interpreters.pxla")  # JAX logs each lowering there
+    params = init_params(variant(ch=48, ch_mult=(1, 3), num_groups=16, num_classes=7), key)  # new leaf shapes
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(params))
+    assert not [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling")]
 
 
 def test_a_layer_without_a_host_initialiser_is_named():

@@ -3,7 +3,9 @@
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -495,11 +497,15 @@ def test_an_lsun_run_streams_trains_samples_and_resumes_bit_identically_on_mock_
         logs.read_metrics(tmp_path / "data")
 
 
-def test_a_tiny_run_on_the_real_digits(tmp_path, capsys):
+def test_a_tiny_run_on_the_real_digits(tmp_path, capsys, caplog):
     workdir = tmp_path / "run"
     config = tiny_config(tmp_path / "data", num_steps=2, eval_every=0, sample_every=2, checkpoint_every=2)
+    caplog.set_level(logging.DEBUG, logger="jax._src.interpreters.pxla")  # JAX logs each lowering there
     state = experiment.train_and_evaluate(config, workdir)
     assert int(state.step) == 2
+    # The step is lowered once, on the compiling thread, from the batch's and the state's shapes: the steps reuse it.
+    lowered = [r for r in caplog.records if re.match(r"Compiling jit\(train_step\) ", r.getMessage())]
+    assert len(lowered) == 1 and lowered[0].threadName.startswith("jaxdiff-compile"), [r.threadName for r in lowered]
     grid = assert_run_outputs(workdir, 2)
     assert np.asarray(grid).std() > 0  # not a blank picture
     assert "step 2/2" in capsys.readouterr().out

@@ -160,4 +160,4 @@ def draw_params(rules: dict, key: jax.Array) -> dict:
     if isinstance(words, jax.core.Tracer):
         shapes = jax.tree.map(lambda rule: rule.shape, rules)
         return jax.pure_callback(functools.partial(_draw_all, rules), shapes, words, vmap_method="sequential")
-    return jax.tree.map(jnp.asarray, _draw_all(rules, np.asarray(words)))
+    return jax.device_put(_draw_all(rules, np.asarray(words)))  # jnp.asarray compiled a program per leaf shape
