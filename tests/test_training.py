@@ -508,7 +508,9 @@ def test_a_tiny_run_on_the_real_digits(tmp_path, capsys, caplog):
     assert len(lowered) == 1 and lowered[0].threadName.startswith("jaxdiff-compile"), [r.threadName for r in lowered]
     grid = assert_run_outputs(workdir, 2)
     assert np.asarray(grid).std() > 0  # not a blank picture
-    assert "step 2/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2/2" in out
+    assert re.search(r"Start-up: [\d.]+ s .* the state in [\d.]+ s, the train step .* in [\d.]+ s\.", out), out
     leaves = jax.tree_util.tree_leaves(state.params)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
 
