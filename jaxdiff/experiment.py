@@ -172,34 +172,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     network = run.network(batches.data.channels, classes)
     spec = ModelSpec(network, run.diffusion, run.sampling.clip_x0, run.data, run.sampling.guidance)
     optimizer = make_optimizer(run.optim)
-    # One jitted program builds a fresh state's EMA copy and optimizer zeros (eagerly, each leaf shape compiled one).
-    T = run.diffusion.num_timesteps
-    fresh = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
-    target = checkpoints.abstract(jax.eval_shape(fresh, abstract_params(network)), parallel.replicated(mesh))
+    fresh, target = _state_builder(run, network, optimizer, mesh)
     pipe = pipeline.from_spec(spec, None, f"{workdir} (training)")  # its parameters: the state's EMA, below
     train_step = make_train_step(
         make_apply(network), pipe.schedule, run.diffusion, optimizer, run.optim, run.seed, pipe.null_class
     )
     step_fn = shard_train_step(train_step, mesh)
-    # The step compiles (or loads from the compilation cache) on a thread while this one restores or builds the state.
-    compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-compile")
-    compiled = compiler.submit(_seconds, lambda: step_fn.lower(target, _batch_spec(run, network, mesh)).compile())
     setup = time.perf_counter() - began
-    try:
-        state_seconds, (state, manager) = _seconds(lambda: _initial_state(workdir, run, network, mesh, fresh, target))
-        pipe = dataclasses.replace(pipe, params=state.ema_params)
+
+    def prepare():  # here, while the step compiles (or loads from the compilation cache) on a thread
+        state, manager = _initial_state(workdir, run, network, mesh, fresh, target)
         config_json = json.loads(config.to_json_best_effort())
         if logs.is_main_process():
             (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
         writer = logs.metric_writer(workdir)
         checkpointer = actions.Checkpointer(manager, config_json, spec)
-        after_step = _actions(run, pipe, workdir, checkpointer, writer, mesh, state, began)
-    finally:
-        compiler.shutdown(wait=True)
-    compile_seconds, _ = compiled.result()  # a compile error is raised here
+        training_pipe = dataclasses.replace(pipe, params=state.ema_params)
+        return state, manager, writer, _actions(run, training_pipe, workdir, checkpointer, writer, mesh, state, began)
+
+    compile_step = lambda: step_fn.lower(target, _batch_spec(run, network, mesh)).compile()
+    (state, manager, writer, after_step), prepared, compiled = _side_by_side(prepare, compile_step)
     log(
-        f"Start-up: {setup:.1f} s for the data and the network, then side by side: the state in {state_seconds:.1f} s, "
-        f"the train step traced and compiled (or loaded from the cache) in {compile_seconds:.1f} s."
+        f"Start-up: {setup:.1f} s for the data and the network, then side by side: the state in {prepared:.1f} s, "
+        f"the train step traced and compiled (or loaded from the cache) in {compiled:.1f} s."
     )
     first, last = int(state.step), run.training.num_steps
     on_devices = batches.iterate(first, transfer=lambda local: parallel.global_batch(local, mesh))
@@ -216,11 +211,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return state
 
 
-def _seconds(fn):
-    """``fn()``'s wall time in seconds, and its result."""
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def _state_builder(run: RunConfig, network: UNetConfig, optimizer, mesh):
+    """``fresh(params) -> TrainState`` on the mesh, one jitted program for the EMA copy and the optimizer's zeros
+    (eagerly, each leaf's shape compiled its own), and the state's shapes on the mesh (the restore's target)."""
+    T = run.diffusion.num_timesteps
+    fresh = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
+    return fresh, checkpoints.abstract(jax.eval_shape(fresh, abstract_params(network)), parallel.replicated(mesh))
+
+
+def _side_by_side(here, on_thread):
+    """Run ``on_thread()`` on a thread while ``here()`` runs in this one: ``here``'s result and both wall times in
+    seconds. An error of either is raised once both have ended."""
+
+    def timed(fn):
+        start = time.perf_counter()
+        return fn(), time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-compile") as pool:
+        other = pool.submit(timed, on_thread)
+        result, seconds = timed(here)
+    return result, seconds, other.result()[1]
 
 
 def _batch_spec(run: RunConfig, network: UNetConfig, mesh) -> dict:

@@ -515,6 +515,29 @@ def test_a_tiny_run_on_the_real_digits(tmp_path, capsys, caplog):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
 
 
+def test_the_start_up_runs_both_sides_to_their_end_and_raises_the_error_of_either():
+    ended = []
+
+    def here():
+        ended.append("here")
+        return 7
+
+    def fails(what):
+        def fn():
+            ended.append(what)
+            raise ValueError(what)
+
+        return fn
+
+    result, here_seconds, thread_seconds = experiment._side_by_side(here, lambda: ended.append("thread"))
+    assert result == 7 and here_seconds >= 0 and thread_seconds >= 0 and sorted(ended) == ["here", "thread"]
+    for here_fn, thread_fn, message in ((here, fails("compile"), "compile"), (fails("restore"), here, "restore")):
+        ended.clear()
+        with pytest.raises(ValueError, match=message):
+            experiment._side_by_side(here_fn, thread_fn)
+        assert len(ended) == 2  # the other side ran to its end before the error was raised
+
+
 def test_a_diverging_run_stops_at_the_first_non_finite_step(tmp_path):
     import tensorflow_datasets as tfds
 
