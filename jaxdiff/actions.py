@@ -90,7 +90,7 @@ class Checkpointer:
 
     def __call__(self, step: int, state: TrainState, **_) -> None:
         self.guard.check(state)
-        if not bool(parallel.all_finite(state)):
+        if not parallel.all_finite(state):
             raise NonFiniteLossError(
                 f"The state after step {step} holds non-finite parameters (the updates overflowed); it is not saved, "
                 f"and the newest checkpoint in {self.manager.directory} stays the last good one. Lower the learning "

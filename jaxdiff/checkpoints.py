@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdiff.parallel import all_finite, to_host
+from jaxdiff.parallel import to_host
 
 ITEMS = ("state", "config", "spec", "fingerprint")
 LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
@@ -97,13 +97,21 @@ def _checksum(x) -> int:
     return int(np.sum(words * odd, dtype=np.uint32))
 
 
-def check_fingerprint(mngr: ocp.CheckpointManager, step: int, tree, prefix: str = "") -> None:
-    """Raise ValueError unless each array of ``tree`` (restored from checkpoint ``step``; its paths under ``prefix``)
-    has the checksum saved with it. A checkpoint saved before jaxdiff wrote fingerprints passes."""
+def check_restored(mngr: ocp.CheckpointManager, step: int, tree, prefix: str = "") -> None:
+    """Raise ValueError if the arrays of ``tree`` (restored from checkpoint ``step``; their paths under ``prefix``)
+    hold a non-finite value, or if one lacks the checksum saved with it (a checkpoint saved before jaxdiff wrote
+    fingerprints is checked for finite values only). Each array is read to the host once, for both checks."""
+    finite, sums = True, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = to_host(leaf)
+        finite = finite and bool(np.isfinite(x).all())
+        sums[jax.tree_util.keystr(path, simple=True, separator="/")] = _checksum(x)
+    if not finite:
+        raise ValueError("it holds non-finite values")
     if not (pathlib.Path(mngr.directory) / str(step) / "fingerprint").exists():
         return
     saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
-    for path, value in fingerprint(tree).items():
+    for path, value in sums.items():
         name = f"{prefix}/{path}" if prefix else path
         if saved.get(name) != value:
             raise ValueError(f"its array {name} differs from the fingerprint saved with it (changed on disk)")
@@ -148,9 +156,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
     for step in steps:
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            if not bool(all_finite(restored)):
-                raise ValueError("it holds non-finite values")
-            check_fingerprint(mngr, step, restored)
+            check_restored(mngr, step, restored)
             return restored, skipped
         except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint; each is reported
             reason = _reason(e)
@@ -229,9 +235,7 @@ def _read_for_sampling(mngr: ocp.CheckpointManager, step: int, params_like: Call
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     ema = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["ema_params"]
-    if not bool(all_finite(ema)):
-        raise ValueError("it holds non-finite values")
-    check_fingerprint(mngr, step, ema, prefix="ema_params")
+    check_restored(mngr, step, ema, prefix="ema_params")
     return SamplingCheckpoint(config, spec, ema, step)
 
 
