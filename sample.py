@@ -64,6 +64,12 @@ flags.DEFINE_integer("label", None, "Class-conditional models: the class of ever
 flags.DEFINE_float(
     "guidance", None, "Classifier-free guidance scale w (0: the plain conditional model; default: the run's own)."
 )
+flags.DEFINE_float(
+    "autoguidance",
+    None,
+    "--workdir: autoguidance scale w, the model guided away from its EMA at config.sampling.guide_step (0: none; "
+    "default: the run's config.sampling.autoguidance for the samplers in its autoguided_samplers, else none).",
+)
 flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")
 flags.DEFINE_string("init_images", None, "Edit these images (.npz, uint8 arr_0 [N,H,W,C]) with --strength or --mask.")
 flags.DEFINE_float("strength", None, "SDEdit: noise --init_images this far down the chain (0..1), then sample back.")

@@ -6,7 +6,9 @@ For each seed in ``--seeds``: trains ``python train.py --config=configs/digits.p
 ``--workdir/seedS`` (the quickstart's command, timed; a finished run is reused and not timed again), then draws
 ``max(--counts)`` images of its EMA model with each sampler (DDIM-50, and DDPM over all T steps; sampling seed 0) and
 judges the first N of them for each N in ``--counts``: the digits classifier's Fréchet distance and score against the
-training split, as ``sample.py --eval=fid`` does.
+training split, as ``sample.py --eval=fid`` does. A sampler that the run autoguides by default
+(``config.sampling.autoguidance`` and ``autoguided_samplers``) is judged twice: as the run samples with it
+(autoguided by its own EMA at ``guide_step``; the ``+AG`` rows), and unguided.
 
 The floor is what real held-out digits score. At 297 it is the test split itself. No 900 held-out digits exist, so
 the floor at a larger N is extrapolated: the Fréchet distance of N samples from a fixed distribution is, in
@@ -68,6 +70,21 @@ def train(config: str, workdir: str, seed: int, overrides: list[str]) -> float |
     return seconds
 
 
+def judge(ways: dict, sampler: str, steps, seed: int, counts: list[int], extractor, reference, rows: list) -> None:
+    """Draw ``max(counts)`` images (sampling seed 0) of each pipeline in ``ways`` (row name: pipeline) and append the
+    first N's Fréchet distance and score for each N in ``counts`` to ``rows``."""
+    for name, model in ways.items():
+        run = pipeline.make_sampler(model, sampler, steps)
+        start = time.perf_counter()
+        images = pipeline.generate(model, run, counts[-1], counts[-1], seed=0)
+        seconds = time.perf_counter() - start
+        for n in counts:
+            quality = evaluation.sample_quality(extractor, images[:n], reference)
+            rows.append(dict(seed=seed, sampler=name, n=n, fd=quality["fid"], score=quality["score"]))
+            print(f"seed {seed}  {name:11s} N={n:4d}  FD {quality['fid']:6.2f}  score {quality['score']:.3f}")
+        print(f"  ({counts[-1]} images in {seconds:.0f} s, compile included)", flush=True)
+
+
 def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
@@ -96,15 +113,10 @@ def main() -> None:
             reference = evaluation.reference_stats(extractor, pipe.data)
         for name in args.samplers.split(","):
             sampler, steps = SAMPLERS[name]
-            run = pipeline.make_sampler(pipe, sampler, steps)
-            start = time.perf_counter()
-            images = pipeline.generate(pipe, run, counts[-1], counts[-1], seed=0)
-            seconds = time.perf_counter() - start
-            for n in counts:
-                quality = evaluation.sample_quality(extractor, images[:n], reference)
-                rows.append(dict(seed=seed, sampler=name, n=n, fd=quality["fid"], score=quality["score"]))
-                print(f"seed {seed}  {name:8s} N={n:4d}  FD {quality['fid']:6.2f}  score {quality['score']:.3f}")
-            print(f"  ({counts[-1]} images in {seconds:.0f} s, compile included)", flush=True)
+            ways = {name: pipe}
+            if pipe.autoguidance_for(sampler) != 0:  # as the run samples by default: autoguided
+                ways[name + "+AG"] = pipeline.from_workdir(workdir, autoguidance=None, sampler=sampler)
+            judge(ways, sampler, steps, seed, counts, extractor, reference, rows)
 
     test_images, _ = load_split(dataclasses.replace(pipe.data, split=pipe.data.eval_split, random_flip=False))
     real = evaluation.sample_quality(extractor, test_images, reference)
@@ -117,7 +129,7 @@ def main() -> None:
     print(f"trained in {', '.join('reused' if w is None else f'{w:.0f} s' for w in walls.values())}\n")
     print("| sampler | N | floor FD | FD (mean ± sd) | FD / floor | score (mean ± sd) |")
     print("|---|---|---|---|---|---|")
-    for name in args.samplers.split(","):
+    for name in dict.fromkeys(r["sampler"] for r in rows):
         for n in counts:
             fd = [r["fd"] for r in rows if r["sampler"] == name and r["n"] == n]
             score = [r["score"] for r in rows if r["sampler"] == name and r["n"] == n]

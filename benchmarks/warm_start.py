@@ -65,6 +65,7 @@ def measure(
         "--config.training.sample_every=0",
         "--config.training.eval_every=0",
         "--config.evaluation.fid_every=0",
+        "--config.sampling.autoguidance=0",  # runs of 1 and 2 steps: no earlier step to guide them
         *overrides,
     ]
     cold_train, _ = timed_run([*train, "--config.training.num_steps=1"], FIRST_STEP)

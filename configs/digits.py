@@ -34,6 +34,10 @@ def get_config():
     config.optim.decay = "cosine"
     config.optim.ema_decay = 0.995
     config.optim.ema_warmup = True
+    # Autoguidance (issue #15): samples are drawn from the model guided away from its own EMA at step 1,000, a third of
+    # the way through (kept for good by the run's checkpoint manager). Unguided, DDIM's classifier score stayed ~8.9.
+    config.sampling.autoguidance = 1.5
+    config.sampling.guide_step = 1000
     # Measured on the 2-core CPU: ~14 steps/s; the whole command (build, compile, train, judge) in under 5 minutes.
     config.training.batch_size = 32
     config.training.num_steps = 3000

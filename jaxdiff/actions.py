@@ -41,22 +41,69 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class Periodic:
-    """``fn(step=step, **kwargs)`` after every ``n``-th step and after ``last_step``."""
+    """``fn(step=step, **kwargs)`` after every ``n``-th step (none when ``n <= 0``), after ``last_step`` and after each
+    step in ``also``."""
 
     n: int
     last_step: int
     fn: Callable
+    also: tuple[int, ...] = ()
 
     def __call__(self, step: int, **kwargs) -> None:
-        if step % self.n == 0 or step == self.last_step:
+        if (self.n > 0 and step % self.n == 0) or step == self.last_step or step in self.also:
             self.fn(step=step, **kwargs)
 
 
-def every(n: int, last_step: int, fn: Callable) -> Periodic | None:
-    """``fn(step=, state=, metrics=)`` every ``n`` steps and after ``last_step``; None (never) when n <= 0."""
-    if n <= 0:
+def every(n: int, last_step: int, fn: Callable, also: tuple[int, ...] = ()) -> Periodic | None:
+    """``fn(step=, state=, metrics=)`` every ``n`` steps, after ``last_step`` and after the steps in ``also``; None
+    (never) when n <= 0 and ``also`` is empty."""
+    if n <= 0 and not also:
         return None
-    return Periodic(n, last_step, fn)
+    return Periodic(n, last_step, fn, tuple(also))
+
+
+class Autoguide:
+    """Autoguidance of the run's own samples (``config.sampling.autoguidance``): after ``step``, the EMA parameters of
+    the run's checkpoint at ``step`` guide those of the step sampled, with scale ``scale``
+    (:func:`jaxdiff.pipeline.autoguided`). The guide is read from that checkpoint once, when first needed."""
+
+    def __init__(self, scale: float, step: int, manager, params_like: Callable[[dict], object]):
+        self.scale, self.step, self.manager, self.params_like = scale, step, manager, params_like
+        self._params = None
+
+    def sampling(self, pipe: Pipeline, make_run: Callable[[Pipeline], Callable]) -> Callable:
+        """``choose(step, ema_params) -> (pipeline, run, note)``: what to sample the EMA parameters of ``step`` with,
+        ``make_run(pipeline)``'s sampler for it, and a note for the log ("" unguided)."""
+        plain, plain_run = pipe, make_run(pipe)
+        guided = pipeline.autoguided(pipe, None, self.scale, f"its EMA at step {self.step}")
+        guided_run = make_run(guided)
+
+        def choose(step: int, ema_params):
+            guide = self.params() if step > self.step else None
+            if guide is None:
+                return plain.with_params(ema_params), plain_run, ""
+            note = f", autoguided (w = {self.scale:g}) by the EMA at step {self.step}"
+            return guided.with_params({"main": ema_params, "guide": guide}), guided_run, note
+
+        return choose
+
+    def params(self):
+        """The guide's EMA parameters; None (with a warning in the log) when its checkpoint cannot be read."""
+        if self._params is None:
+            checkpoints.wait(self.manager)  # the guide's own save may still be in flight
+            try:
+                read = checkpoints.load_for_sampling(self.manager.directory.parent, self.step, self.params_like)
+            except (OSError, RuntimeError, ValueError) as e:
+                log(f"Cannot read the guide (the checkpoint at step {self.step}: {e}); sampling unguided.")
+                return None
+            self._params = read.ema_params
+        return self._params
+
+
+def _unguided(pipe: Pipeline, make_run: Callable[[Pipeline], Callable]) -> Callable:
+    """:meth:`Autoguide.sampling` for a run without autoguidance."""
+    run = make_run(pipe)
+    return lambda step, ema_params: (pipe.with_params(ema_params), run, "")
 
 
 class FiniteGuard:
@@ -162,23 +209,31 @@ def evaluate_bound(
     return action
 
 
-def sample_grid(pipe: Pipeline, workdir: pathlib.Path, num_samples: int, seed: int, mesh) -> Callable:
-    """The action: ``num_samples`` DDPM samples of the EMA parameters (seed ``seed``, one batch) as
-    ``workdir/samples_<step>.png``; what ``sample.py --workdir --seed=<seed> --num_samples=<n>`` draws."""
-    run = pipeline.make_sampler(pipe, "ddpm", mesh=mesh)
+def sample_grid(
+    pipe: Pipeline, workdir: pathlib.Path, num_samples: int, seed: int, mesh, autoguide: Autoguide | None = None
+) -> Callable:
+    """The action: ``num_samples`` DDPM samples of the EMA parameters (seed ``seed``, one batch; autoguided after the
+    guide's step) as ``workdir/samples_<step>.png``; what ``sample.py --workdir --seed=<seed> --num_samples=<n>``
+    draws."""
+    make_run = lambda p: pipeline.make_sampler(p, "ddpm", mesh=mesh)
+    choose = _unguided(pipe, make_run) if autoguide is None else autoguide.sampling(pipe, make_run)
     batch = parallel.round_up_batch(num_samples, mesh)
 
     def action(step: int, state: TrainState, **_) -> None:
-        images = pipeline.generate(pipe.with_params(state.ema_params), run, num_samples, batch, seed=seed)
+        sampled, run, note = choose(step, state.ema_params)
+        images = pipeline.generate(sampled, run, num_samples, batch, seed=seed)
         if is_main_process():
-            log(f"step {step}  wrote {save_grid(images, workdir / f'samples_{step:07d}.png')}")
+            log(f"step {step}  wrote {save_grid(images, workdir / f'samples_{step:07d}.png')}{note}")
 
     return action
 
 
-def make_fid(settings, data: DataConfig, pipe: Pipeline, mesh) -> Callable[[object, int], dict] | None:
-    """``(params, seed) -> {"fid", "score", "num_samples", "features"}``: fresh samples of ``pipe`` at ``params``
-    judged against the cached statistics of ``data``'s train split; None when ``settings.fid_every <= 0``.
+def make_fid(
+    settings, data: DataConfig, pipe: Pipeline, mesh, autoguide: Autoguide | None = None
+) -> Callable[[object, int, int], dict] | None:
+    """``(params, seed, step=0) -> {"fid", "score", "num_samples", "features", "note"}``: fresh samples of ``pipe`` at
+    ``params`` (autoguided after the guide's step; ``note`` says so) judged against the cached statistics of
+    ``data``'s train split; None when ``settings.fid_every <= 0``.
 
     ``settings``: the run's evaluation settings (``fid_every``, ``fid_num_samples``, ``fid_batch_size``, ``sampler``,
     ``steps`` (0: all T), ``features``, ``inception_weights``).
@@ -190,31 +245,33 @@ def make_fid(settings, data: DataConfig, pipe: Pipeline, mesh) -> Callable[[obje
         settings.features, train, settings.inception_weights, batch_size=settings.fid_batch_size, mesh=mesh
     )
     reference = evaluation.reference_stats(extractor, train, log=log)
-    run = pipeline.make_sampler(pipe, settings.sampler, settings.steps or None, mesh=mesh)
+    make_run = lambda p: pipeline.make_sampler(p, settings.sampler, settings.steps or None, mesh=mesh)
+    choose = _unguided(pipe, make_run) if autoguide is None else autoguide.sampling(pipe, make_run)
     batch = parallel.round_up_batch(min(settings.fid_batch_size, settings.fid_num_samples), mesh)
     labels = pipeline.labels_for(settings.fid_num_samples, pipe.num_classes, None)  # the classes in turn
     per_class = None
     if labels is not None and extractor.classifies:
         per_class = evaluation.class_reference_stats(extractor, train, log=log)
 
-    def fid(params, seed: int) -> dict:
-        images = pipeline.generate(pipe.with_params(params), run, settings.fid_num_samples, batch, seed=seed)
+    def fid(params, seed: int, step: int = 0) -> dict:
+        sampled, run, note = choose(step, params)
+        images = pipeline.generate(sampled, run, settings.fid_num_samples, batch, seed=seed)
         quality = evaluation.sample_quality(extractor, images, reference, labels=labels, class_reference=per_class)
-        return {**quality, "features": extractor.name}
+        return {**quality, "features": extractor.name, "note": note}
 
     return fid
 
 
-def fid_action(fid: Callable[[object, int], dict], writer, seed: int) -> Callable:
+def fid_action(fid: Callable[[object, int, int], dict], writer, seed: int) -> Callable:
     """The action: :func:`make_fid`'s figure for the EMA parameters, samples drawn with seed ``seed + step``."""
 
     def action(step: int, state: TrainState, **_) -> None:
-        quality = fid(state.ema_params, seed + step)
+        quality = fid(state.ema_params, seed + step, step)
         writer.write_scalars(step, {f"eval/{k}": quality[k] for k in ("fid", "score", "cond_accuracy") if k in quality})
         accuracy = f", conditional accuracy {quality['cond_accuracy']:.3f}" if "cond_accuracy" in quality else ""
         log(
             f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f}{accuracy} "
-            f"({quality['num_samples']} EMA samples, {quality['features']} features)"
+            f"({quality['num_samples']} EMA samples, {quality['features']} features{quality['note']})"
         )
 
     return action

@@ -25,12 +25,13 @@ import pathlib
 import shutil
 import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from jaxdiff.parallel import to_host
 
@@ -44,11 +45,18 @@ def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
 
 
 def manager(
-    workdir: str | os.PathLike, keep: int = 3, *, async_save: bool = True, read_only: bool = False
+    workdir: str | os.PathLike,
+    keep: int = 3,
+    *,
+    preserve: Sequence[int] = (),
+    async_save: bool = True,
+    read_only: bool = False,
 ) -> ocp.CheckpointManager:
-    """The run's CheckpointManager: the last ``keep`` checkpoints kept, saved in the background if ``async_save``."""
+    """The run's CheckpointManager: the last ``keep`` checkpoints kept, and those at the steps in ``preserve`` (an
+    autoguided run's guide) for good; saved in the background if ``async_save``."""
+    policies = [preservation.LatestN(keep)] + ([preservation.CustomSteps(list(preserve))] if preserve else [])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        preservation_policy=preservation.AnyPreservationPolicy(policies),
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,

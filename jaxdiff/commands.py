@@ -56,6 +56,7 @@ class SampleRequest:
     seed: int = 0
     label: int | None = None
     guidance: float | None = None  # None: the run's config.sampling.guidance
+    autoguidance: float | None = None  # --workdir: None is the run's default for the sampler
     churn: float = 0.0
     init_images: str | None = None
     strength: float | None = None
@@ -95,6 +96,12 @@ class SampleRequest:
             )
         if self.init_images is not None and self.eval is not None:
             raise ValueError("--init_images edits images; it does not combine with --eval.")
+        if self.autoguidance not in (None, 0.0) and self.workdir is None:
+            raise ValueError(
+                "--autoguidance guides a training run's model by its own earlier checkpoint: it needs --workdir."
+            )
+        if self.autoguidance not in (None, 0.0) and self.eval in ("bpd", "ode_bpd"):
+            raise ValueError(f"--eval={self.eval} measures the network itself; drop --autoguidance.")
         if self.eval_images is not None and self.eval_images < 1:
             raise ValueError(f"--eval_images must be >= 1, got {self.eval_images}.")
 
@@ -121,7 +128,9 @@ def sample(request: SampleRequest) -> int:
     """Run ``request``; returns the exit status (2 with the reason on stderr for a request that cannot be met)."""
     try:
         if request.workdir is not None:
-            pipe = pipeline.from_workdir(request.workdir, request.step)
+            # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
+            guided = 0.0 if request.eval in ("bpd", "ode_bpd") else request.autoguidance
+            pipe = pipeline.from_workdir(request.workdir, request.step, guided, request.sampler)
         else:
             pipe = pipeline.from_checkpoint(request.checkpoint, request.download, request.ema, request.image_size)
         r = request

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental.multihost_utils import sync_global_devices
 
-from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline
+from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline, samplers
 from jaxdiff.data import DataConfig, InMemory, Streamed, make_batches, num_classes, open_split
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
@@ -74,10 +74,32 @@ class SamplingConfig:
     ``guidance``: the classifier-free guidance scale w of a class-conditional model (train it with
     ``diffusion.label_dropout > 0``): the run's own sample grids and FID use it, and so does ``sample.py`` unless
     ``--guidance`` says otherwise.
+
+    ``autoguidance``: the scale w of autoguidance (:func:`jaxdiff.pipeline.autoguided`), the model guided away from
+    its own EMA parameters at step ``guide_step``, for the samplers in ``autoguided_samplers`` (by default the
+    deterministic ones: on the digits default, guiding ancestral DDPM as well moved its samples away from the data).
+    The run saves and keeps a checkpoint at ``guide_step``. Its grids (DDPM) and FID (``evaluation.sampler``) after
+    that step are autoguided when their sampler is one of those, and so is ``sample.py`` unless ``--autoguidance``
+    says otherwise.
     """
 
     clip_x0: bool = True
     guidance: float = 0.0
+    autoguidance: float = 0.0
+    guide_step: int | None = None
+    autoguided_samplers: tuple[str, ...] = samplers.DETERMINISTIC_SAMPLERS
+
+    def __post_init__(self):
+        if self.autoguidance != 0 and self.guide_step is None:
+            raise ValueError(
+                "config.sampling.autoguidance needs a guide: set config.sampling.guide_step to an earlier step of the "
+                "run (e.g. a third of config.training.num_steps), or autoguidance=0."
+            )
+        if self.guide_step is not None and (isinstance(self.guide_step, bool) or self.guide_step < 1):
+            raise ValueError(f"config.sampling.guide_step must be a step >= 1 (or None), got {self.guide_step!r}.")
+        object.__setattr__(self, "autoguided_samplers", tuple(self.autoguided_samplers))
+        for name in self.autoguided_samplers:
+            diffusion.check_choice("sampler in config.sampling.autoguided_samplers", name, samplers.SAMPLERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +154,13 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
             "config.sampling.guidance needs a class-conditional model that also learned the unconditional one: set "
             "config.data.class_conditional=True and config.diffusion.label_dropout > 0 (e.g. 0.1), or guidance=0."
         )
+    guide_step, num_steps = c["sampling"].get("guide_step"), c["training"]["num_steps"]
+    if c["sampling"].get("autoguidance", 0.0) != 0 and isinstance(guide_step, int) and guide_step >= num_steps:
+        raise ValueError(
+            f"config.sampling.guide_step = {guide_step} is not before the run's end (config.training.num_steps = "
+            f"{num_steps}): autoguidance's guide is the model at an earlier step. Set guide_step below num_steps "
+            "(e.g. a third of it), or config.sampling.autoguidance=0."
+        )
     accum, batch = c["optim"].get("grad_accum_steps", 1), c["training"]["batch_size"]
     if isinstance(accum, int) and accum >= 1 and batch % accum:
         raise ValueError(
@@ -170,7 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     log(f"Data: {run.data.dataset} {run.data.split}, {batches.data.describe()}.")
     classes = _classes(run.data, batches.data)
     network = run.network(batches.data.channels, classes)
-    spec = ModelSpec(network, run.diffusion, run.sampling.clip_x0, run.data, run.sampling.guidance)
+    s = run.sampling
+    spec = ModelSpec(
+        network, run.diffusion, s.clip_x0, run.data, s.guidance, s.autoguidance, s.guide_step, s.autoguided_samplers
+    )
     optimizer = make_optimizer(run.optim)
     fresh, target = _state_builder(run, network, optimizer, mesh)
     pipe = pipeline.from_spec(spec, None, f"{workdir} (training)")  # its parameters: the state's EMA, below
@@ -276,14 +308,22 @@ def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state, b
     report = actions.Report(writer, checkpointer.guard, last, t.batch_size, began)
     held_out = _held_out(run)
     evaluate = None if held_out is None else actions.evaluate_bound(pipe, writer, held_out, _eval_key(run), mesh)
-    fid = actions.make_fid(run.evaluation, run.data, pipe, mesh)
+    guide_step = run.sampling.guide_step
+    guide_save = () if guide_step is None else (guide_step,)  # saved whether or not it falls on the period
+    autoguide = None
+    if run.sampling.autoguidance != 0:
+        params_like = lambda spec: abstract_params(ModelSpec.from_json(spec).network)
+        autoguide = actions.Autoguide(run.sampling.autoguidance, guide_step, checkpointer.manager, params_like)
+    guided = lambda sampler: autoguide if sampler in run.sampling.autoguided_samplers else None
+    fid = actions.make_fid(run.evaluation, run.data, pipe, mesh, guided(run.evaluation.sampler))
     judge = None if fid is None else actions.fid_action(fid, writer, seed)
+    grid = actions.sample_grid(pipe, workdir, t.num_samples, seed, mesh, guided("ddpm"))
     named = {
         "report": actions.every(t.log_every, last, report),
         "bits/dim": None if evaluate is None else actions.every(t.eval_every, last, evaluate),
         "fid": None if judge is None else actions.every(run.evaluation.fid_every, last, judge),
-        "samples": actions.every(t.sample_every, last, actions.sample_grid(pipe, workdir, t.num_samples, seed, mesh)),
-        "checkpoint": actions.every(t.checkpoint_every, last, checkpointer),
+        "samples": actions.every(t.sample_every, last, grid),
+        "checkpoint": actions.every(t.checkpoint_every, last, checkpointer, guide_save),
     }
     return actions.Actions(named, report, checkpointer, int(state.step), last)
 
@@ -320,7 +360,8 @@ def _writable(workdir: pathlib.Path) -> pathlib.Path:
 
 def _initial_state(workdir: pathlib.Path, run: RunConfig, network: UNetConfig, mesh, fresh, target):
     """The state to start from (the newest readable checkpoint, else a fresh one) on the mesh, and the manager."""
-    manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints)
+    guide = () if run.sampling.guide_step is None else (run.sampling.guide_step,)
+    manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints, preserve=guide)
     state, skipped = checkpoints.restore_latest(manager, target)
     if state is None:
         return fresh(parallel.replicate(init_params(network, run_keys(run.seed)[0]), mesh)), manager

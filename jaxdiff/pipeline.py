@@ -9,7 +9,8 @@ It is built in one place from each source:
 
 * :func:`from_spec` -- a :class:`ModelSpec` (network, diffusion, clip, data) and parameters: a training run's, in
   memory;
-* :func:`from_workdir` -- the newest readable checkpoint of a run (its stored spec and EMA parameters);
+* :func:`from_workdir` -- the newest readable checkpoint of a run (its stored spec and EMA parameters), autoguided by
+  the run's own earlier checkpoint when asked (:func:`autoguided`: a pipeline whose network is two);
 * :func:`from_diffusers` -- a diffusers UNet2DModel folder or hub id with its scheduler config;
 * :func:`from_release` -- the DDPM authors' TF1 checkpoints (EMA or raw weights) and the PyTorch port's files;
   :func:`from_checkpoint` picks between the imports by what the path holds.
@@ -95,6 +96,9 @@ class ModelSpec:
     clip_x0: bool = True
     data: DataConfig | None = None
     guidance: float = 0.0  # the default classifier-free guidance of a class-conditional network
+    autoguidance: float = 0.0  # the default autoguidance scale, by the EMA parameters at guide_step (see autoguided)
+    guide_step: int | None = None  # the step of the run's checkpoint that guides it (kept by its checkpoint manager)
+    autoguided_samplers: tuple[str, ...] = samplers.DETERMINISTIC_SAMPLERS  # those autoguided by default
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +112,9 @@ class ModelSpec:
             clip_x0=bool(spec.get("clip_x0", True)),
             data=DataConfig(**data) if data is not None else None,
             guidance=float(spec.get("guidance", 0.0)),
+            autoguidance=float(spec.get("autoguidance", 0.0)),
+            guide_step=spec.get("guide_step"),
+            autoguided_samplers=tuple(spec.get("autoguided_samplers", samplers.DETERMINISTIC_SAMPLERS)),
         )
 
 
@@ -129,6 +136,9 @@ class Pipeline:
       data: the dataset it was trained on (None for an imported model): the default for evaluation.
       guidance: the classifier-free guidance scale to sample with unless told otherwise (a conditional run's
         ``config.sampling.guidance``; 0 for others).
+      autoguidance, guide_step, autoguided_samplers: a training run's ``config.sampling`` settings of the same names:
+        the scale of :func:`autoguided` that :func:`from_workdir` applies when asked for the run's own, the step of
+        the checkpoint whose EMA parameters guide, and the samplers it applies to by default (0 and None for others).
       schedule: the full chain (T steps), computed from ``betas``: what training and the bound use.
     """
 
@@ -144,6 +154,9 @@ class Pipeline:
     source: str = ""
     data: DataConfig | None = None
     guidance: float = 0.0
+    autoguidance: float = 0.0
+    guide_step: int | None = None
+    autoguided_samplers: tuple[str, ...] = samplers.DETERMINISTIC_SAMPLERS
     schedule: Schedule = dataclasses.field(init=False, repr=False)  # the full chain (T steps), from the betas
 
     def __post_init__(self):
@@ -151,6 +164,7 @@ class Pipeline:
         diffusion.check_choice("variance", self.variance, diffusion.VARIANCES)
         object.__setattr__(self, "betas", np.asarray(self.betas, np.float64))
         object.__setattr__(self, "image_shape", tuple(self.image_shape))
+        object.__setattr__(self, "autoguided_samplers", tuple(self.autoguided_samplers))
         if self.num_classes is not None and self.null_class is None:
             object.__setattr__(self, "null_class", self.num_classes)
         # Built here, outside any trace, so that jitted functions closing over the pipeline see concrete arrays.
@@ -168,6 +182,10 @@ class Pipeline:
           ValueError: ``steps`` outside [1, T], or an unknown spacing.
         """
         return samplers.respaced(self.betas, steps, spacing)
+
+    def autoguidance_for(self, sampler: str | None) -> float:
+        """The run's default autoguidance scale for ``sampler`` (None: any): 0 for a sampler it does not apply to."""
+        return self.autoguidance if sampler is None or sampler in self.autoguided_samplers else 0.0
 
     def with_params(self, params) -> Pipeline:
         """The same pipeline with other parameters (e.g. the EMA parameters at a later step)."""
@@ -201,18 +219,74 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
         source=source,
         data=spec.data,
         guidance=spec.guidance,
+        autoguidance=spec.autoguidance,
+        guide_step=spec.guide_step,
+        autoguided_samplers=spec.autoguided_samplers,
     )
 
 
-def from_workdir(workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
+def from_workdir(
+    workdir: str | os.PathLike, step: int | None = None, autoguidance: float | None = 0.0, sampler: str | None = None
+) -> Pipeline:
     """The EMA parameters and the spec of the newest readable checkpoint of a training run (or of ``step``).
 
+    ``autoguidance``: 0 gives the network itself (what the bound and any other use of the network want); None the run
+    as ``sampler`` samples it by default (its ``config.sampling.autoguidance`` if the sampler is one of its
+    ``autoguided_samplers``, guided by its checkpoint at ``guide_step``: :func:`autoguided`); another value that
+    scale, by the same guide, whatever the sampler.
+
     Raises:
-      FileNotFoundError: the workdir has no checkpoint (or not ``step``).
+      FileNotFoundError: the workdir has no checkpoint (or not ``step``, or not the guide's).
       RuntimeError: no checkpoint can be read.
+      ValueError: autoguidance asked of a run that keeps no guide, or of a checkpoint not later than its guide.
     """
-    ckpt = checkpoints.load_for_sampling(workdir, step, lambda spec: abstract_params(ModelSpec.from_json(spec).network))
-    return from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
+    params_like = lambda spec: abstract_params(ModelSpec.from_json(spec).network)
+    ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
+    pipe = from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
+    scale = pipe.autoguidance_for(sampler) if autoguidance is None else autoguidance
+    if scale == 0:
+        return pipe
+    if pipe.guide_step is None:
+        raise ValueError(
+            f"{workdir} was trained without a guide checkpoint, so it cannot be autoguided: train with "
+            "config.sampling.guide_step (e.g. a third of the steps), or sample with --autoguidance=0."
+        )
+    if pipe.guide_step >= ckpt.step:
+        raise ValueError(
+            f"The checkpoint at step {ckpt.step} of {workdir} is not later than its guide (step {pipe.guide_step}): "
+            "sample a later --step, or with --autoguidance=0."
+        )
+    guide = checkpoints.load_for_sampling(workdir, pipe.guide_step, params_like)
+    return autoguided(pipe, guide.ema_params, scale, f"its EMA at step {guide.step}")
+
+
+def autoguided(pipe: Pipeline, guide_params, scale: float, guide: str = "a weaker version") -> Pipeline:
+    """``pipe`` guided away from its own network at ``guide_params`` (autoguidance, Karras et al. 2024): the network
+    of the result is ``(1 + scale) f(main) - scale f(guide)`` (:func:`jaxdiff.samplers.autoguided`), its parameters
+    ``{"main": pipe.params, "guide": guide_params}``. Every sampler, the bound and classifier-free guidance work on it
+    as on any pipeline; each of its network calls costs two. ``guide`` names the guide in ``source``. ``scale`` 0:
+    ``pipe`` itself.
+
+    The guide should make the main network's errors more strongly: the same architecture and data, trained less (the
+    same run's EMA parameters at an earlier step). Unlike classifier-free guidance it needs no labels.
+    """
+    if scale == 0:
+        return pipe
+    apply, variance = pipe.apply_fn, pipe.variance
+
+    def apply_fn(params, x_t, timesteps, labels):
+        main = lambda x, t: apply(params["main"], x, t, labels)
+        weak = lambda x, t: apply(params["guide"], x, t, labels)
+        return samplers.autoguided(main, weak, scale, variance=variance)(x_t, timesteps)
+
+    return dataclasses.replace(
+        pipe,
+        apply_fn=apply_fn,
+        params={"main": pipe.params, "guide": guide_params},
+        source=f"{pipe.source}, autoguided (w = {scale:g}) by {guide}",
+        autoguidance=0.0,
+        guide_step=None,
+    )
 
 
 # diffusers' scheduler names -> jaxdiff's

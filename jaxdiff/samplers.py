@@ -15,7 +15,8 @@ Samplers:
   - :func:`dpm_solver_sample`: DPM-Solver++ 2M and 3M (Lu et al. 2022), multistep solvers of the probability-flow
     ODE in data prediction, for 10-25 network calls;
   - :func:`heun_sample`: Heun's second-order method on the same ODE in Karras et al.'s sigma;
-  - :func:`guided`: classifier-free guidance wrapped around a conditional network.
+  - :func:`guided`: classifier-free guidance wrapped around a conditional network;
+  - :func:`autoguided`: autoguidance, a network guided away from a weaker version of itself.
 Each returns the final x_0, and with ``trajectory_every=k`` also a :class:`Trajectory` of x_t and the predicted x_0
 after every k steps.
 """
@@ -47,6 +48,7 @@ from jaxdiff.schedules import (
 
 ODE_SAMPLERS = ("dpm++2m", "dpm++3m", "heun")  # deterministic solvers of the probability-flow ODE
 SAMPLERS = ("ddpm", "ddim", *ODE_SAMPLERS)
+DETERMINISTIC_SAMPLERS = ("ddim", *ODE_SAMPLERS)  # with DDIM's default eta = 0 and Heun's churn 0
 # Each sampler's default grid: DPM-Solver's is uniform in log-SNR, Heun's is Karras et al.'s sigma spacing.
 DEFAULT_SPACINGS = {"ddpm": "even", "ddim": "even", "dpm++2m": "logsnr", "dpm++3m": "logsnr", "heun": "karras"}
 
@@ -659,9 +661,34 @@ def guided(
             jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
         )
         cond, uncond = jnp.split(both, 2)
-        if variance in diffusion.LEARNED_VARIANCES:
-            (c_pred, c_var), (u_pred, _) = jnp.split(cond, 2, axis=-1), jnp.split(uncond, 2, axis=-1)
-            return jnp.concatenate([(1.0 + scale) * c_pred - scale * u_pred, c_var], axis=-1)
-        return (1.0 + scale) * cond - scale * uncond
+        return _extrapolate(cond, uncond, scale, variance)
 
     return model_fn
+
+
+def autoguided(main_fn: ModelFn, guide_fn: ModelFn, scale: float, *, variance: str = "fixed_small") -> ModelFn:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): a network guided
+    away from a weaker version of itself, ``(1 + w) main(x, t) - w guide(x, t)``, as a ``model_fn``.
+
+    Args:
+      main_fn: the network, ``model_fn(x_t, timesteps) -> output``.
+      guide_fn: a weaker network of the same task, trained on the same data and making the same kind of errors more
+        strongly (e.g. the same run's EMA parameters at an earlier step). Its errors point away from the data, so
+        stepping away from them pulls samples into the data's well-learned regions; unlike classifier-free guidance it
+        needs no labels and keeps the variety.
+      scale: w; 0 is the main network alone (the guide is then not called).
+      variance: with a learned variance only the prediction half is guided; the variance half is the main one's.
+
+    As for :func:`guided`, the weights sum to 1, so guiding the raw output guides eps, x0 and v alike.
+    """
+    if scale == 0:
+        return main_fn
+    return lambda x_t, timesteps: _extrapolate(main_fn(x_t, timesteps), guide_fn(x_t, timesteps), scale, variance)
+
+
+def _extrapolate(strong: jax.Array, weak: jax.Array, scale: float, variance: str) -> jax.Array:
+    """``(1 + scale) strong - scale weak``; for a learned variance the prediction half only, the variance strong's."""
+    if variance in diffusion.LEARNED_VARIANCES:
+        (s_pred, s_var), (w_pred, _) = jnp.split(strong, 2, axis=-1), jnp.split(weak, 2, axis=-1)
+        return jnp.concatenate([(1.0 + scale) * s_pred - scale * w_pred, s_var], axis=-1)
+    return (1.0 + scale) * strong - scale * weak

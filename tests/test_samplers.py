@@ -200,6 +200,31 @@ def test_guidance_at_w_0_is_the_conditional_model_and_extrapolates_otherwise():
     np.testing.assert_array_equal(learned[..., 1:], np.broadcast_to(labels.reshape(-1, 1, 1, 1), x.shape))
 
 
+def test_autoguidance_cancels_a_guide_error_that_is_the_main_error_scaled():
+    """A guide whose error is k times the main network's: w = 1 / (k - 1) steps exactly onto the true denoiser."""
+    error = lambda x, t: 0.05 * jnp.sin(3.0 * x) * (t.reshape(-1, 1, 1, 1) / 1000.0)
+    main = lambda x, t: optimal_eps(x, t) + error(x, t)
+    k = 3.0
+    guide = lambda x, t: optimal_eps(x, t) + k * error(x, t)
+    x, t = jax.random.normal(jax.random.key(1), (4, *SHAPE)), jnp.array([10, 200, 500, 999])
+    exact = samplers.autoguided(main, guide, 1.0 / (k - 1.0))(x, t)
+    np.testing.assert_allclose(exact, optimal_eps(x, t), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(main(x, t) - optimal_eps(x, t)).max()) > 1e-2  # the main network alone is off
+    w = 0.7  # any other scale: the affine combination
+    np.testing.assert_allclose(
+        samplers.autoguided(main, guide, w)(x, t), (1 + w) * main(x, t) - w * guide(x, t), rtol=1e-5, atol=1e-6
+    )
+
+    def unused(x, t):
+        raise AssertionError("w = 0 must not call the guide")
+
+    assert samplers.autoguided(main, unused, 0.0) is main
+    with_var = lambda f, v: lambda x, t: jnp.concatenate([f(x, t), jnp.full_like(x, v)], -1)
+    learned = samplers.autoguided(with_var(main, 0.25), with_var(guide, 0.75), w, variance="learned_range")(x, t)
+    np.testing.assert_allclose(learned[..., :1], (1 + w) * main(x, t) - w * guide(x, t), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(learned[..., 1:], np.full(x.shape, 0.25, np.float32))  # the main's variance
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match=r"steps must lie in \[1, 1000\]"):
         samplers.sampling_schedule("linear", T, 1001)

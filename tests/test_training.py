@@ -19,7 +19,7 @@ from jaxdiff import actions, experiment, logs, parallel, pipeline, training
 from jaxdiff.data import Batches, DataConfig, InMemory, global_indices, load_split, num_classes
 from jaxdiff.models import UNetConfig, init_params, make_apply
 from jaxdiff.schedules import make_schedule
-from tests.helpers import ROOT, free_port, load_config, tiny_config
+from tests.helpers import ROOT, fake_run, free_port, load_config, tiny_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 TINY = UNetConfig(
@@ -679,6 +679,70 @@ def test_guidance_needs_a_conditional_model_and_is_the_run_s_sampling_default(tm
     assert pipeline.ModelSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     older = {k: v for k, v in spec.to_json().items() if k != "guidance"}  # a checkpoint from before the field
     assert pipeline.ModelSpec.from_json(older).guidance == 0.0
+
+
+def test_an_autoguided_run_keeps_its_guide_and_samples_as_sample_py_does(tmp_path):
+    """A run with autoguidance saves and keeps the guide's checkpoint (off the checkpoint period, past keep=1), its
+    last grid is the autoguided one that ``sample.py`` draws by default, its bound is the network's own, and
+    ``from_workdir``'s network is (1 + w) main - w guide."""
+    from PIL import Image
+
+    from jaxdiff import commands
+
+    workdir, w = tmp_path / "run", 1.5
+    config = tiny_config(tmp_path / "data", num_steps=3, eval_every=3, sample_every=3, checkpoint_every=2)
+    config.training.keep_checkpoints, config.training.num_samples = 1, 4
+    config.sampling.autoguidance, config.sampling.guide_step = w, 1
+    config.sampling.autoguided_samplers = ("ddpm", "ddim")  # the grid's DDPM too (by default the ODE samplers only)
+    config.optim.lr, config.optim.warmup_steps = 1e-2, 0  # steps that move the (zero-initialised) output layer
+    experiment.train_and_evaluate(config, workdir)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [1, 3]  # the guide, the last
+
+    guided, plain = pipeline.from_workdir(workdir, autoguidance=None), pipeline.from_workdir(workdir)
+    guide = pipeline.from_workdir(workdir, step=1)
+    assert "autoguided (w = 1.5) by its EMA at step 1" in guided.source and plain.guide_step == 1
+    assert pipeline.from_workdir(workdir, autoguidance=None, sampler="heun").source == plain.source  # not listed
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([5, 90], jnp.int32)
+    main_out, guide_out = plain.apply_fn(plain.params, x, t, None), guide.apply_fn(guide.params, x, t, None)
+    assert float(jnp.abs(main_out - guide_out).max()) > 1e-4  # two steps apart: the guide differs
+    np.testing.assert_allclose(
+        guided.apply_fn(guided.params, x, t, None), (1 + w) * main_out - w * guide_out, rtol=1e-5, atol=1e-5
+    )
+
+    request = dict(workdir=str(workdir), seed=config.seed, num_samples=4)
+    assert commands.sample(commands.SampleRequest(out=str(tmp_path / "guided"), **request)) == 0
+    assert commands.sample(commands.SampleRequest(out=str(tmp_path / "plain"), autoguidance=0.0, **request)) == 0
+    grid = np.asarray(Image.open(workdir / "samples_0000003.png"))
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "guided" / "grid.png")))
+    assert np.any(grid != np.asarray(Image.open(tmp_path / "plain" / "grid.png")))
+
+    n = config.training.eval_batch_size
+    bpd = dict(eval="bpd", split=f"test[:{n}]", out=str(tmp_path / "bpd"))
+    assert commands.sample(commands.SampleRequest(**{**request, **bpd})) == 0  # the network's bound, unguided
+    from_sample_py = json.loads((tmp_path / "bpd" / "bpd.json").read_text())["bits_per_dim"]
+    assert logs.read_metrics(workdir)["eval/total_bpd"][1][-1] == pytest.approx(from_sample_py["total"], rel=1e-5)
+
+    with pytest.raises(ValueError, match="not later than its guide"):
+        pipeline.from_workdir(workdir, step=1, autoguidance=None)
+    with pytest.raises(ValueError, match="needs --workdir"):
+        commands.SampleRequest(checkpoint="x", autoguidance=1.0)
+    with pytest.raises(ValueError, match="measures the network itself"):
+        commands.SampleRequest(**{**request, **bpd, "autoguidance": 1.0})
+
+
+def test_autoguidance_needs_a_guide_before_the_end_and_a_run_that_kept_one(tmp_path):
+    config = load_config("tiny")
+    config.sampling.autoguidance = 1.0
+    with pytest.raises(ValueError, match=r"set config\.sampling\.guide_step"):
+        experiment.run_config(config)
+    config.sampling.guide_step = config.training.num_steps
+    with pytest.raises(ValueError, match="is not before the run's end"):
+        experiment.run_config(config)
+    fake_run(tmp_path / "run")  # saved without a guide
+    assert pipeline.from_workdir(tmp_path / "run", autoguidance=None).source.endswith("EMA)")  # the run's own: none
+    with pytest.raises(ValueError, match="trained without a guide checkpoint"):
+        pipeline.from_workdir(tmp_path / "run", autoguidance=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
