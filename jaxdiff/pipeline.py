@@ -232,8 +232,8 @@ def from_workdir(
 
     ``autoguidance``: 0 gives the network itself (what the bound and any other use of the network want); None the run
     as ``sampler`` samples it by default (its ``config.sampling.autoguidance`` if the sampler is one of its
-    ``autoguided_samplers``, guided by its checkpoint at ``guide_step``: :func:`autoguided`); another value that
-    scale, by the same guide, whatever the sampler.
+    ``autoguided_samplers``, guided by its checkpoint at ``guide_step``: :func:`autoguided`; unguided at or before
+    that step, as the run itself sampled then); another value that scale, by the same guide, whatever the sampler.
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``, or not the guide's).
@@ -244,6 +244,8 @@ def from_workdir(
     ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
     pipe = from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
     scale = pipe.autoguidance_for(sampler) if autoguidance is None else autoguidance
+    if autoguidance is None and pipe.guide_step is not None and pipe.guide_step >= ckpt.step:
+        scale = 0.0  # the run's own default: no guide yet at this step
     if scale == 0:
         return pipe
     if pipe.guide_step is None:

@@ -723,8 +723,9 @@ def test_an_autoguided_run_keeps_its_guide_and_samples_as_sample_py_does(tmp_pat
     from_sample_py = json.loads((tmp_path / "bpd" / "bpd.json").read_text())["bits_per_dim"]
     assert logs.read_metrics(workdir)["eval/total_bpd"][1][-1] == pytest.approx(from_sample_py["total"], rel=1e-5)
 
+    assert pipeline.from_workdir(workdir, step=1, autoguidance=None).source == guide.source  # no guide yet: unguided
     with pytest.raises(ValueError, match="not later than its guide"):
-        pipeline.from_workdir(workdir, step=1, autoguidance=None)
+        pipeline.from_workdir(workdir, step=1, autoguidance=w)
     with pytest.raises(ValueError, match="needs --workdir"):
         commands.SampleRequest(checkpoint="x", autoguidance=1.0)
     with pytest.raises(ValueError, match="measures the network itself"):
