@@ -26,7 +26,8 @@ from jaxdiff.data import DataConfig, load_split
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.pipeline import Pipeline
 
-EVALS = ("bpd", "ode_bpd", "fid")
+BOUND_EVALS = ("bpd", "ode_bpd")  # the network's own likelihood: never guided
+EVALS = (*BOUND_EVALS, "fid")
 EVAL_BATCH = 64  # images per batch of --eval=bpd/ode_bpd unless --batch_size says otherwise
 SAMPLE_PIXELS = 2**18  # the default drawing batch holds about this many pixel values (batch_for)
 
@@ -100,7 +101,7 @@ class SampleRequest:
             raise ValueError(
                 "--autoguidance guides a training run's model by its own earlier checkpoint: it needs --workdir."
             )
-        if self.autoguidance not in (None, 0.0) and self.eval in ("bpd", "ode_bpd"):
+        if self.autoguidance not in (None, 0.0) and self.eval in BOUND_EVALS:
             raise ValueError(f"--eval={self.eval} measures the network itself; drop --autoguidance.")
         if self.eval_images is not None and self.eval_images < 1:
             raise ValueError(f"--eval_images must be >= 1, got {self.eval_images}.")
@@ -129,14 +130,14 @@ def sample(request: SampleRequest) -> int:
     try:
         if request.workdir is not None:
             # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
-            guided = 0.0 if request.eval in ("bpd", "ode_bpd") else request.autoguidance
+            guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance
             pipe = pipeline.from_workdir(request.workdir, request.step, guided, request.sampler)
         else:
             pipe = pipeline.from_checkpoint(request.checkpoint, request.download, request.ema, request.image_size)
         r = request
         edit = r.edit(pipe)
         pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
-        if request.eval in ("bpd", "ode_bpd"):
+        if request.eval in BOUND_EVALS:
             (evaluate_bpd if request.eval == "bpd" else evaluate_ode_bpd)(pipe, request)
             return 0
         given = load_samples(request.samples) if request.samples is not None else None

@@ -101,6 +101,11 @@ class SamplingConfig:
         for name in self.autoguided_samplers:
             diffusion.check_choice("sampler in config.sampling.autoguided_samplers", name, samplers.SAMPLERS)
 
+    @property
+    def guide_steps(self) -> tuple[int, ...]:
+        """The steps whose checkpoints the run saves (on the period or not) and keeps for good: the guide's."""
+        return () if self.guide_step is None else (self.guide_step,)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
@@ -309,11 +314,9 @@ def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state, b
     held_out = _held_out(run)
     evaluate = None if held_out is None else actions.evaluate_bound(pipe, writer, held_out, _eval_key(run), mesh)
     guide_step = run.sampling.guide_step
-    guide_save = () if guide_step is None else (guide_step,)  # saved whether or not it falls on the period
     autoguide = None
     if run.sampling.autoguidance != 0:
-        params_like = lambda spec: abstract_params(ModelSpec.from_json(spec).network)
-        autoguide = actions.Autoguide(run.sampling.autoguidance, guide_step, checkpointer.manager, params_like)
+        autoguide = actions.Autoguide(run.sampling.autoguidance, guide_step, checkpointer.manager, pipeline.params_like)
     guided = lambda sampler: autoguide if sampler in run.sampling.autoguided_samplers else None
     fid = actions.make_fid(run.evaluation, run.data, pipe, mesh, guided(run.evaluation.sampler))
     judge = None if fid is None else actions.fid_action(fid, writer, seed)
@@ -323,7 +326,7 @@ def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state, b
         "bits/dim": None if evaluate is None else actions.every(t.eval_every, last, evaluate),
         "fid": None if judge is None else actions.every(run.evaluation.fid_every, last, judge),
         "samples": actions.every(t.sample_every, last, grid),
-        "checkpoint": actions.every(t.checkpoint_every, last, checkpointer, guide_save),
+        "checkpoint": actions.every(t.checkpoint_every, last, checkpointer, run.sampling.guide_steps),
     }
     return actions.Actions(named, report, checkpointer, int(state.step), last)
 
@@ -360,8 +363,7 @@ def _writable(workdir: pathlib.Path) -> pathlib.Path:
 
 def _initial_state(workdir: pathlib.Path, run: RunConfig, network: UNetConfig, mesh, fresh, target):
     """The state to start from (the newest readable checkpoint, else a fresh one) on the mesh, and the manager."""
-    guide = () if run.sampling.guide_step is None else (run.sampling.guide_step,)
-    manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints, preserve=guide)
+    manager = checkpoints.manager(workdir, keep=run.training.keep_checkpoints, preserve=run.sampling.guide_steps)
     state, skipped = checkpoints.restore_latest(manager, target)
     if state is None:
         return fresh(parallel.replicate(init_params(network, run_keys(run.seed)[0]), mesh)), manager

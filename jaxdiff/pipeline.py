@@ -225,6 +225,11 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
     )
 
 
+def params_like(spec: dict):
+    """The shapes of the parameters of the network that a checkpoint's stored spec (JSON) describes."""
+    return abstract_params(ModelSpec.from_json(spec).network)
+
+
 def from_workdir(
     workdir: str | os.PathLike, step: int | None = None, autoguidance: float | None = 0.0, sampler: str | None = None
 ) -> Pipeline:
@@ -240,7 +245,6 @@ def from_workdir(
       RuntimeError: no checkpoint can be read.
       ValueError: autoguidance asked of a run that keeps no guide, or of a checkpoint not later than its guide.
     """
-    params_like = lambda spec: abstract_params(ModelSpec.from_json(spec).network)
     ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
     pipe = from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
     scale = pipe.autoguidance_for(sampler) if autoguidance is None else autoguidance
