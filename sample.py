@@ -19,6 +19,10 @@ Evaluation (results printed and written as JSON under --out):
     python sample.py --checkpoint=ddpm-cifar10-32 --eval=fid --dataset=cifar10 --num_samples=50000 --batch_size=500 \
         --inception_weights=pt_inception-2015-12-05-6726825d.pth       # FID and Inception Score: fid.json
 
+On many hosts, every process runs the same command with ``--coordinator=HOST:PORT --num_processes=N --process_id=I``
+(or ``--distributed`` on a TPU pod slice): each draws or judges its share of every batch, and process 0 writes the
+files. A seed gives the same images whatever the batch size, device count or process count.
+
 Intentionally short: the flags become a ``jaxdiff.commands.SampleRequest``, which ``jaxdiff.commands.sample`` runs.
 """
 
@@ -27,7 +31,8 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxdiff.xla_flags import use_compilation_cache, use_fast_cpu_convolutions
+from jaxdiff import launch
+from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
 
@@ -59,7 +64,7 @@ flags.DEFINE_enum(
     "spacing", None, ["even", "quadratic", "logsnr", "karras"], "How the steps are spread (default: the sampler's)."
 )
 flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the DDPM posterior variance.")
-flags.DEFINE_integer("seed", 0, "Batch i is drawn from fold_in(PRNGKey(seed), i); --eval=bpd: image i's key.")
+flags.DEFINE_integer("seed", 0, "Image i is drawn (or, with --eval, evaluated) with the key fold_in(key(seed), i).")
 flags.DEFINE_integer("label", None, "Class-conditional models: the class of every image (default: classes in turn).")
 flags.DEFINE_float(
     "guidance", None, "Classifier-free guidance scale w (0: the plain conditional model; default: the run's own)."
@@ -106,18 +111,13 @@ flags.DEFINE_string(
     "cached).",
 )
 flags.DEFINE_string("samples", None, "--eval=fid: judge the images of this samples.npz (arr_0) instead of sampling.")
-flags.DEFINE_string(
-    "compilation_cache",
-    "auto",
-    "Where compiled programs are kept for the next run ('auto': $JAX_COMPILATION_CACHE_DIR or ~/.cache/jaxdiff/xla; "
-    "'' turns it off).",
-)
+launch.define_flags()  # --coordinator, --num_processes, --process_id, --distributed, --compilation_cache
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # the libraries' INFO chatter; sampling prints its own lines
-    use_compilation_cache(flags.FLAGS.compilation_cache)
+    launch.start(flags.FLAGS)
     from jaxdiff import commands
 
     fields = [f.name for f in dataclasses.fields(commands.SampleRequest)]

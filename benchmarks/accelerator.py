@@ -8,9 +8,9 @@ It reports, for each of ``--dtypes`` (float32 and bfloat16 compute; parameters s
 1. train steps/s and images/s of the config's network at ``--batch`` (128: the paper's), the step sharded over all
    devices as ``train.py`` runs it (random data, 3 channels, unconditional);
 2. model FLOP utilisation: XLA's FLOP count of the step as lowered (before XLA's rewrites) over its time, against
-   the devices' peak (``PEAKS``, dense tensor-core / MXU figures from the vendors' datasheets; float32 against TF32 on
-   NVIDIA GPUs, which XLA uses for float32 convolutions and matmuls at the default precision); none for a device not
-   in the table;
+   the devices' peak (``jaxdiff.flops.PEAKS``, dense tensor-core / MXU figures from the vendors' datasheets; float32
+   against TF32 on NVIDIA GPUs, which XLA uses for float32 convolutions and matmuls at the default precision); none
+   for a device not in the table;
 3. compile time of the step, and memory: XLA's analysis of the compiled step, and the device's own peak where it
    keeps one (``peak_bytes_in_use``, process-wide: ``--dtypes=bfloat16`` alone for bfloat16's own);
 4. sampling images/s at ``--sample_batch`` (256): DDPM over all T steps, and ``--fast_sampler`` (DPM-Solver++ 2M,
@@ -44,38 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxdiff import parallel, pipeline, training  # noqa: E402
 from jaxdiff.experiment import run_config  # noqa: E402
+from jaxdiff.flops import flops_of, peak_flops  # noqa: E402
 from jaxdiff.models import UNet, init_params, make_apply  # noqa: E402
-
-# Peak dense FLOP/s of one JAX device, (bfloat16, float32), by a fragment of ``device_kind`` (lower case); the longest
-# matching fragment wins. A TPU v2/v3 chip is two JAX devices (half a chip's peak each); v4 and later one per chip.
-PEAKS = {
-    "h200": (989e12, 494e12),  # H200 SXM: as H100 SXM
-    "h100": (989e12, 494e12),  # H100 SXM
-    "h100 pcie": (756e12, 378e12),
-    "h100 nvl": (835e12, 418e12),
-    "a100": (312e12, 156e12),
-    "l4": (121e12, 60e12),
-    "v100": (None, 15.7e12),  # no bfloat16 tensor cores
-    "tpu v2": (22.5e12, 22.5e12),  # TPUs run float32 matmuls as bfloat16 passes on the MXU at the default precision
-    "tpu v3": (61.5e12, 61.5e12),
-    "tpu v4": (275e12, 275e12),
-    "tpu v5 lite": (197e12, 197e12),  # v5e
-    "tpu v5e": (197e12, 197e12),
-    "tpu v5": (459e12, 459e12),  # v5p
-    "tpu v5p": (459e12, 459e12),
-    "tpu v6 lite": (918e12, 918e12),  # v6e (Trillium)
-    "tpu v6e": (918e12, 918e12),
-}
-
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """One device's peak FLOP/s for ``dtype`` compute (``'bfloat16'`` or ``'float32'``), None if not known."""
-    kind = device_kind.lower()
-    matches = [fragment for fragment in PEAKS if fragment in kind]
-    if not matches:
-        return None
-    bf16, f32 = PEAKS[max(matches, key=len)]
-    return bf16 if dtype == "bfloat16" else f32
 
 
 def load_config(path: str):
@@ -111,14 +81,6 @@ def memory_figures(compiled) -> dict:
         "xla_memory_bytes": None if xla is None else float(xla),
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
     }
-
-
-def flops_of(lowered) -> float | None:
-    """XLA's FLOP count of a lowered (or compiled) program; None where the backend gives none."""
-    cost = lowered.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax: one dict per computation
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def train_figures(run, dtype: str, batch: int, steps: int, warmup: int, trace_dir: str | None) -> dict:
@@ -193,10 +155,11 @@ def sampling_figures(run, dtype: str, sampler: str, steps: int | None, batch: in
     batch = parallel.round_up_batch(batch, mesh)
     sample = pipeline.make_sampler(pipe, sampler, steps, mesh=mesh)
     start = time.perf_counter()
-    jax.block_until_ready(sample(pipe.params, jax.random.key(0), None, batch))
+    keys = lambda seed: parallel.example_keys(jax.random.key(seed), jnp.arange(batch))  # image i: fold_in(key, i)
+    jax.block_until_ready(sample(pipe.params, keys(0)))
     first = time.perf_counter() - start
     start = time.perf_counter()
-    images = jax.block_until_ready(sample(pipe.params, jax.random.key(1), None, batch))
+    images = jax.block_until_ready(sample(pipe.params, keys(1)))
     seconds = time.perf_counter() - start
     return {
         "sampler": sampler,

@@ -72,7 +72,7 @@ def main() -> None:
         steps = steps_for(sampler, calls)
         run = pipeline.make_sampler(pipe, sampler, steps)
         batch = min(args.batch_size, args.num_samples)
-        jax.block_until_ready(run(pipe.params, jax.random.key(0), None, batch))  # compile
+        jax.block_until_ready(run(pipe.params, jax.random.split(jax.random.key(0), batch)))  # compile
         start = time.perf_counter()
         images = pipeline.generate(pipe, run, args.num_samples, batch, seed=args.seed)
         seconds = time.perf_counter() - start

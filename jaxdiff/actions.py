@@ -27,7 +27,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxdiff import checkpoints, evaluation, features, parallel, pipeline
+from jaxdiff import checkpoints, evaluation, features, flops, parallel, pipeline
 from jaxdiff.data import DataConfig
 from jaxdiff.images import save_grid
 from jaxdiff.logs import Progress, is_main_process, log
@@ -156,13 +156,26 @@ class Checkpointer:
 
 
 class Report:
-    """The metrics of the step, steps/s since the end of the first step (which holds the compile) and the ETA: a stdout
-    line and TensorBoard scalars."""
+    """The metrics of the step, steps/s since the end of the first step (which holds the compile), the devices' use
+    and the ETA: a stdout line and TensorBoard scalars."""
 
-    def __init__(self, writer, guard: FiniteGuard, last_step: int, batch_size: int, began: float | None = None):
-        """``began``: when the run began (``time.perf_counter()``), for the time to its first step."""
+    def __init__(
+        self,
+        writer,
+        guard: FiniteGuard,
+        last_step: int,
+        batch_size: int,
+        began: float | None = None,
+        *,
+        dtype: str = "float32",
+        flops_per_device: float | None = None,
+    ):
+        """``began``: when the run began (``time.perf_counter()``), for the time to its first step.
+        ``flops_per_device``: one step's model FLOPs on one device (XLA's count of the lowered step over the device
+        count; set once the step has compiled), for TFLOP/s per device and, on a device of known peak for the compute
+        ``dtype``, the model FLOP utilisation (:func:`jaxdiff.flops.utilisation`)."""
         self.writer, self.guard, self.last_step, self.batch_size = writer, guard, last_step, batch_size
-        self.began = began
+        self.began, self.dtype, self.flops_per_device = began, dtype, flops_per_device
         self.since: tuple[int, float] | None = None
 
     def start(self, step: int, metrics: dict) -> None:
@@ -181,11 +194,15 @@ class Report:
         start_step, start_time = self.since or (step, time.perf_counter())
         rate = (step - start_step) / (time.perf_counter() - start_time) if step > start_step else math.nan
         images = rate * self.batch_size
-        self.writer.write_scalars(step, {**metrics, "steps_per_sec": rate, "images_per_sec": images})
+        scalars = {**metrics, "steps_per_sec": rate, "images_per_sec": images}
+        use = flops.utilisation(self.flops_per_device, rate, jax.devices()[0].device_kind, self.dtype)
+        if use:
+            scalars["tflops_per_device"] = self.flops_per_device * rate / 1e12
+        self.writer.write_scalars(step, scalars)
         eta = (self.last_step - step) / rate if rate > 0 else math.nan
         log(
             f"step {step}/{self.last_step}  loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  "
-            f"{rate:.2f} steps/s  {images:.0f} images/s  ETA {eta / 60:.1f} min"
+            f"{rate:.2f} steps/s  {images:.0f} images/s  {use + '  ' if use else ''}ETA {eta / 60:.1f} min"
         )
 
 

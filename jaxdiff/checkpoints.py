@@ -13,7 +13,10 @@ Guarantees:
     finite, arrays that differ from the fingerprint saved with them: bytes changed on disk, which Orbax does not
     detect) is reported with a warning and the one before it is tried; unreadable ones are moved aside to
     ``workdir/checkpoints_unreadable`` (never deleted) once an older one has been read, so the resumed run can save
-    its own checkpoints at those steps; if none can be read, nothing is touched and the error lists every reason.
+    its own checkpoints at those steps; if none can be read, nothing is touched and the error lists every reason;
+  - on several processes (a pod), the hosts agree on the step: each reads on its own (no Orbax barrier that a host
+    which failed would never reach), then they compare verdicts, and a checkpoint unreadable on any host counts as
+    unreadable on all. The steps tried are process 0's.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as preservation
 
-from jaxdiff.parallel import to_host
+from jaxdiff.parallel import make_mesh, process_verdicts, replicated, to_host
 
 ITEMS = ("state", "config", "spec", "fingerprint")
 LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
@@ -50,19 +54,31 @@ def manager(
     *,
     preserve: Sequence[int] = (),
     async_save: bool = True,
-    read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """The run's CheckpointManager: the last ``keep`` checkpoints kept, and those at the steps in ``preserve`` (an
-    autoguided run's guide) for good; saved in the background if ``async_save``."""
+    autoguided run's guide) for good; saved in the background if ``async_save``. (Restores go through
+    :func:`reader`.)"""
     policies = [preservation.LatestN(keep)] + ([preservation.CustomSteps(list(preserve))] if preserve else [])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation.AnyPreservationPolicy(policies),
-        create=not read_only,
-        read_only=read_only,
-        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS + LEGACY_ITEMS)
+
+
+def reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    """A read-only manager of the checkpoints in ``directory`` that this process uses alone: Orbax ends each restore
+    with a barrier of the manager's processes, and a host that failed to read would never reach the others' (they
+    would wait for ever, or pair it with its next restore). Every process reads a replicated state whole anyway."""
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        create=False,
+        save_interval_steps=0,
+        cleanup_tmp_directories=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS + LEGACY_ITEMS)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, spec: dict) -> None:
@@ -145,8 +161,42 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:400]}"
 
 
+def _agreed_steps(mngr: ocp.CheckpointManager | None) -> list[int]:
+    """The checkpoint steps, newest first, as process 0 lists them (on one process: its own; None: no checkpoints
+    here). Call it on every process."""
+    steps = sorted(mngr.all_steps(), reverse=True) if mngr is not None else []
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.full((count,), -1, np.int32)
+    mine[: min(count, len(steps))] = steps[:count]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+
+def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(read(), None)``, or ``(None, the reason)`` when it raises (Orbax and TensorStore raise many kinds for a
+    damaged checkpoint)."""
+    try:
+        return read(), None
+    except Exception as e:  # every kind is reported, and the caller tries another checkpoint
+        return None, _reason(e)
+
+
+def _read_everywhere(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """:func:`_attempt` on every process, then their verdicts compared: ``(value, None)`` where all of them read it,
+    else ``(None, the reason)``, this process's own, or which processes failed where this one did not."""
+    value, reason = _attempt(read)
+    verdicts = process_verdicts(reason is None)
+    if verdicts.all():
+        return value, None
+    return None, reason or f"it cannot be read on process(es) {np.flatnonzero(~verdicts).tolist()}"
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple[int, str]]]:
     """The newest readable checkpoint's state, shaped and sharded like ``target``, and the unreadable ones skipped.
+
+    On several processes every process returns the same step: one that any of them cannot read is skipped by all.
+    Call it on every process.
 
     Args:
       target: the state's structure: arrays or ShapeDtypeStructs with shardings (see :func:`abstract`).
@@ -158,16 +208,14 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
     Raises:
       RuntimeError: checkpoints exist but none can be read (nothing is moved or deleted).
     """
-    steps = sorted(mngr.all_steps(), reverse=True)
+    steps = _agreed_steps(mngr)
     target = abstract(target)
     skipped = []
-    for step in steps:
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            check_restored(mngr, step, restored)
-            return restored, skipped
-        except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint; each is reported
-            reason = _reason(e)
+    with contextlib.closing(reader(mngr.directory)) as own:
+        for step in steps:
+            restored, reason = _read_everywhere(lambda step=step: _restore_state(own, step, target))
+            if reason is None:
+                return restored, skipped
             skipped.append((step, reason))
             warnings.warn(f"Cannot read the checkpoint at step {step} ({reason}); trying an older one.", stacklevel=2)
     if skipped:
@@ -177,6 +225,13 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
             "elsewhere.\n" + "\n".join(f"  step {s}: {r}" for s, r in skipped)
         )
     return None, skipped
+
+
+def _restore_state(mngr: ocp.CheckpointManager, step: int, target):
+    """Checkpoint ``step``'s state onto ``target``, checked (:func:`check_restored`)."""
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    check_restored(mngr, step, restored)
+    return restored
 
 
 def set_aside(workdir: str | os.PathLike, steps) -> pathlib.Path:
@@ -212,16 +267,19 @@ def _no_checkpoint(workdir) -> FileNotFoundError:
 
 @contextlib.contextmanager
 def _reader(workdir):
-    """A read-only manager of ``workdir``'s checkpoints (closed afterwards); FileNotFoundError if there are none."""
-    if not checkpoint_dir(workdir).is_dir():
-        raise _no_checkpoint(workdir)
-    mngr = manager(workdir, read_only=True)
+    """This process's read-only manager of ``workdir``'s checkpoints (None where this host has no folder for them) and
+    their steps as process 0 lists them, newest first (closed afterwards). FileNotFoundError, on every process alike,
+    where process 0 finds none: a host that raised alone would leave the others waiting in their next collective."""
+    directory = checkpoint_dir(workdir)
+    mngr = reader(directory) if directory.is_dir() else None
     try:
-        if not mngr.all_steps():
+        steps = _agreed_steps(mngr)
+        if not steps:
             raise _no_checkpoint(workdir)
-        yield mngr
+        yield mngr, steps
     finally:
-        mngr.close()
+        if mngr is not None:
+            mngr.close()
 
 
 def _read_spec(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
@@ -238,8 +296,8 @@ def _read_spec(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
 
 def _read_for_sampling(mngr: ocp.CheckpointManager, step: int, params_like: Callable[[dict], Any]):
     config, spec = _read_spec(mngr, step)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    item = {"ema_params": abstract(params_like(spec), device)}
+    # Onto every device of every process, as sampling uses them: no copy across hosts later.
+    item = {"ema_params": abstract(params_like(spec), replicated(make_mesh()))}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     ema = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["ema_params"]
@@ -252,34 +310,36 @@ def load_for_sampling(
 ) -> SamplingCheckpoint:
     """The config, spec and EMA parameters of ``workdir``'s newest readable checkpoint (or of ``step``).
 
-    Only the EMA parameters are read (not the optimizer state or the raw parameters). ``params_like(spec)`` gives
-    their shapes (a pytree of arrays or ShapeDtypeStructs). An unreadable checkpoint is reported with a warning and
-    the one before it is tried (unless ``step`` is given).
+    Only the EMA parameters are read (not the optimizer state or the raw parameters), replicated on every device of
+    every process (:func:`jaxdiff.parallel.replicated`). ``params_like(spec)`` gives their shapes (a pytree of arrays
+    or ShapeDtypeStructs). An unreadable checkpoint is reported with a warning and the one before it is tried (unless
+    ``step`` is given). On several processes all of them read the same step, as :func:`restore_latest`: call it on
+    every process.
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``).
       RuntimeError: no checkpoint can be read.
     """
-    with _reader(workdir) as mngr:
-        steps = sorted(mngr.all_steps(), reverse=True)
+    with _reader(workdir) as (mngr, steps):
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"No checkpoint at step {step} in {mngr.directory}; it has {sorted(steps)}.")
+                where = checkpoint_dir(workdir)
+                raise FileNotFoundError(f"No checkpoint at step {step} in {where}; it has {sorted(steps)}.")
             steps = [step]
         failures = []
         for s in steps:
-            try:
-                return _read_for_sampling(mngr, s, params_like)
-            except Exception as e:  # as in restore_latest: report, then try the one before
-                failures.append(f"  step {s}: {_reason(e)}")
-                warnings.warn(f"Cannot read the checkpoint at step {s} ({_reason(e)}).", stacklevel=2)
-        raise RuntimeError(f"No checkpoint in {mngr.directory} can be read:\n" + "\n".join(failures))
+            read, reason = _read_everywhere(lambda s=s: _read_for_sampling(mngr, s, params_like))
+            if reason is None:
+                return read
+            failures.append(f"  step {s}: {reason}")  # as in restore_latest: report, then try the one before
+            warnings.warn(f"Cannot read the checkpoint at step {s} ({reason}).", stacklevel=2)
+        raise RuntimeError(f"No checkpoint in {checkpoint_dir(workdir)} can be read:\n" + "\n".join(failures))
 
 
 def restore_config(workdir: str | os.PathLike) -> dict:
     """The run's config (as a dict) from the newest checkpoint of ``workdir``."""
-    with _reader(workdir) as mngr:
-        return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    with _reader(workdir) as (mngr, steps):
+        return mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
 class PreemptionWatch:

@@ -17,9 +17,7 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxdiff import evaluation, features, images, parallel, pipeline
 from jaxdiff.data import DataConfig, load_split
@@ -265,19 +263,9 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
     key = jax.random.key(request.seed)
     progress = Progress(len(split_images), "image")
     start = time.perf_counter()
-    bits, steps = [], []
-    for begin in range(0, len(split_images), batch):
-        index = np.minimum(np.arange(begin, begin + batch), len(split_images) - 1)  # pad with the last image
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index))
-        y = None if labels is None else jnp.asarray(labels[index])
-        out, solver_steps = bpd_fn(pipe.params, jnp.asarray(split_images[index]), keys, y)
-        n = min(batch, len(split_images) - begin)
-        bits.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n])
-        steps.append(int(np.asarray(multihost_utils.process_allgather(solver_steps, tiled=True))[0]))
-        progress(n)
+    bits, steps = evaluation.ode_bpd_over_split(bpd_fn, pipe.params, split_images, key, batch, labels, mesh, progress)
     seconds = time.perf_counter() - start
     progress.close()
-    bits = np.concatenate(bits).astype(np.float64)
     mean, stderr = float(bits.mean()), float(bits.std(ddof=1) / np.sqrt(len(bits))) if len(bits) > 1 else 0.0
     if is_main_process():
         path = request.out_dir / "ode_bpd.json"

@@ -535,14 +535,17 @@ def variational_bound(
 ) -> VariationalBound:
     """Every term of the variational bound for a batch, over all T timesteps, in one compiled program.
 
-    Timesteps are processed ``chunk_size`` at a time (``lax.map`` over chunks, the network called on ``chunk_size * B``
-    images at once), so memory is bounded by the chunk and the program does not grow with T. The noise of timestep t
+    Timesteps are processed ``chunk_size`` at a time (``lax.map`` over chunks, the network called on ``B * chunk_size``
+    images at once, example-major: row ``b * chunk_size + j`` is example b at the chunk's j-th timestep, so that a batch
+    split over devices stays split and each device runs only its own examples), so memory is bounded by the chunk and
+    the program does not grow with T. The noise of timestep t
     is ``normal(fold_in(key, t))``, so the result does not depend on ``chunk_size``. With one key per example
     (``key`` of shape ``[B]``), example b's noise is ``normal(fold_in(key[b], t))``: then the result of an example
     does not depend on which batch it is in either (what an evaluation over a whole split needs).
 
     Args:
-      model_fn: ``model_fn(x_t, timesteps) -> output`` on batches of ``chunk_size * B``.
+      model_fn: ``model_fn(x_t, timesteps) -> output`` on batches of ``B * chunk_size``, example-major (a conditional
+        network repeats each label ``chunk_size`` times: ``jnp.repeat(labels, chunk_size)``).
       x0: data in [-1, 1], ``[B, ...]`` (on the 256 levels for the discretised decoder).
       key: PRNG key of the noise, or ``[B]`` keys, one per example.
       decoder: ``discretized`` (8-bit data, DDPM) or ``gaussian`` (continuous data).
@@ -559,16 +562,17 @@ def variational_bound(
         raise ValueError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
     chunk = min(chunk_size, T)
     num_chunks = -(-T // chunk)
-    x0_rep = jnp.broadcast_to(x0[None], (chunk, *x0.shape)).reshape((chunk * B, *x0.shape[1:]))
+    x0_rep = jnp.repeat(x0, chunk, axis=0)  # [B * chunk, ...], example-major
 
-    def chunk_terms(ts: Array) -> Array:  # [chunk] -> [chunk, B]
+    def chunk_terms(ts: Array) -> Array:  # [chunk] -> [B, chunk]
         ts = jnp.minimum(ts, T - 1)  # the padding of the last chunk repeats T - 1; discarded below
         if per_example:
             draw = lambda k, s: jax.random.normal(jax.random.fold_in(k, s), x0.shape[1:], x0.dtype)
-            noise = jax.vmap(lambda s: jax.vmap(draw, in_axes=(0, None))(key, s))(ts)
+            noise = jax.vmap(lambda k: jax.vmap(lambda s: draw(k, s))(ts))(key)
         else:
             noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x0.shape, x0.dtype))(ts)
-        t_flat = jnp.repeat(ts, B)
+            noise = jnp.swapaxes(noise, 0, 1)
+        t_flat = jnp.tile(ts, B)
         x_t = q_sample(schedule, x0_rep, t_flat, noise.reshape(x0_rep.shape))
         out = model_fn(x_t, jnp.take(schedule.timestep_map, t_flat))
         terms = vb_term_bpd(
@@ -582,10 +586,10 @@ def variational_bound(
             clip_x0=clip_x0,
             decoder=decoder,
         )
-        return terms.reshape(chunk, B)
+        return terms.reshape(B, chunk)
 
     steps = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
-    per_t = jax.lax.map(chunk_terms, steps).reshape(num_chunks * chunk, B)[:T].T
+    per_t = jnp.moveaxis(jax.lax.map(chunk_terms, steps), 0, 1).reshape(B, num_chunks * chunk)[:, :T]
     prior = prior_bpd(schedule, x0)
     reconstruction = per_t[:, 0]
     denoising = jnp.sum(per_t[:, 1:], axis=1)

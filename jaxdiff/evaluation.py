@@ -24,12 +24,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel
 from jaxdiff.data import DataConfig, InMemory, load_split, open_split
-from jaxdiff.logs import log
+from jaxdiff.logs import is_main_process, log
 from jaxdiff.xla_flags import jaxdiff_cache_dir
 
 TERMS = ("total", "prior", "denoising", "reconstruction")
@@ -79,10 +78,13 @@ def load_precomputed_stats(path: str | os.PathLike, dim: int | None = None) -> F
 
 
 def _save_npz(path: str | os.PathLike, **arrays) -> None:
-    """``np.savez`` through a temporary file and a rename: never a half-written cache file."""
+    """``np.savez`` through a temporary file (of this process's own) and a rename: never a half-written cache file.
+    On several processes only process 0 writes (they all computed the same arrays)."""
+    if not is_main_process():
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
 
@@ -159,12 +161,14 @@ def class_reference_stats(
 ) -> dict[int, FeatureStats]:
     """The feature statistics of each class of the split ``data`` (its labels), from the cache or computed once."""
     path = _stats_path(extractor, data, directory, "_per_class")
-    if path.is_file():
-        try:
-            with np.load(path) as f:
-                return {int(k): FeatureStats(f[f"mu_{k}"], f[f"sigma_{k}"], int(f[f"num_{k}"])) for k in f["classes"]}
-        except (OSError, ValueError, KeyError) as e:
-            log(f"The cached statistics {path} are unreadable ({e}); computing them again.")
+
+    def read():
+        with np.load(path) as f:
+            return {int(k): FeatureStats(f[f"mu_{k}"], f[f"sigma_{k}"], int(f[f"num_{k}"])) for k in f["classes"]}
+
+    cached = _read_cache(path, read)
+    if cached is not None:
+        return cached
     images, labels = load_split(dataclasses.replace(data, random_flip=False))
     if labels is None:
         raise ValueError(f"{data.dataset} {data.split} has no labels: no per-class statistics.")
@@ -183,6 +187,20 @@ def _stats_path(extractor, data: DataConfig, directory, suffix: str = "") -> pat
     return pathlib.Path(directory or cache_dir()) / "fid_stats" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".npz")
 
 
+def _read_cache(path: pathlib.Path, read: Callable):
+    """``read()`` of a cache file, or None (computed again) when it is missing or unreadable on any process: every
+    process then computes the statistics together (the extractor's batches are collectives)."""
+    value, why = None, None
+    if path.is_file():
+        try:
+            value = read()
+        except Exception as e:  # a damaged cache file raises many kinds (EOFError, BadZipFile, ...): compute anew
+            why = e
+    if why is not None:
+        log(f"The cached statistics {path} are unreadable ({why}); computing them again.")
+    return value if parallel.process_verdicts(value is not None).all() else None
+
+
 def cache_dir() -> pathlib.Path:
     """``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``: cached reference statistics (and the Inception weights)."""
     return jaxdiff_cache_dir()
@@ -194,11 +212,9 @@ def reference_stats(extractor, data: DataConfig, directory: str | os.PathLike | 
     The cache file, ``<directory>/fid_stats/<extractor>_<dataset>_<split>_<size>.npz``, is written atomically.
     """
     path = _stats_path(extractor, data, directory)
-    if path.is_file():
-        try:
-            return FeatureStats.load(path)
-        except (OSError, ValueError, KeyError) as e:
-            log(f"The cached statistics {path} are unreadable ({e}); computing them again.")
+    cached = _read_cache(path, lambda: FeatureStats.load(path))
+    if cached is not None:
+        return cached
     split = open_split(dataclasses.replace(data, random_flip=False))
     log(f"Computing the {extractor.name} statistics of {data.dataset} {data.split}, {split.describe()}, once...")
     if isinstance(split, InMemory):
@@ -219,8 +235,9 @@ def streamed_feature_stats(extractor, split, chunk: int = 10_000) -> FeatureStat
         raise ValueError(f"Feature statistics need at least 2 samples, got {n}.")
     total, outer = None, None
     for start in range(0, n, chunk):
-        images, _ = split.read(np.arange(start, min(start + chunk, n)))
-        features = extractor(images)[0].astype(np.float64)
+        # Each process reads only its rows of each batch of the chunk (the extractor's batch runner).
+        read = lambda index, start=start: {"image": split.read(start + index)[0]}
+        features = extractor.extract(read, min(chunk, n - start))[0].astype(np.float64)
         if total is None:
             total, outer = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
         total += features.sum(axis=0)
@@ -314,32 +331,47 @@ def bound_over_split(
 ) -> SplitBound:
     """The bound of every image of ``images`` (uint8 ``[N, H, W, C]``), averaged; image i uses ``fold_in(key, i)``.
 
-    ``bound_fn`` is :func:`jaxdiff.pipeline.make_bound_fn`'s. ``labels`` (int ``[N]``) are given to a conditional
-    network. The last batch is padded with copies of its last image (results dropped), so every batch compiles once.
+    ``bound_fn`` is :func:`jaxdiff.pipeline.make_bound_fn`'s, compiled over ``mesh``. ``labels`` (int ``[N]``) are
+    given to a conditional network. The batches run through :func:`jaxdiff.parallel.map_batches` (each process feeds
+    its rows, the last batch padded), so the figure depends neither on the batch size nor on the device or process
+    count; every process gets it.
     """
-    mesh = mesh or parallel.make_mesh()
-    devices = mesh.devices.size
-    if batch_size < 1 or batch_size % devices:
-        raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")
+    result = _over_split(bound_fn, params, images, key, batch_size, labels, mesh, progress)
+    result = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), result)
     n = len(images)
-    if n == 0:
+    means = {k: float(getattr(result, k).mean()) for k in TERMS}
+    stderr = float(result.total.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return SplitBound(**means, total_stderr=stderr, per_timestep=result.per_timestep.mean(axis=0), num_examples=n)
+
+
+def ode_bpd_over_split(
+    bpd_fn: Callable,
+    params,
+    images: np.ndarray,
+    key: jax.Array,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    mesh=None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """The probability-flow ODE's bits/dim of every image of ``images`` (uint8 ``[N, H, W, C]``), float64 ``[N]``, and
+    the solver's steps of each batch; image i's dequantisation and probe from ``fold_in(key, i)``.
+
+    ``bpd_fn`` is :func:`jaxdiff.pipeline.make_ode_bpd_fn`'s, compiled over ``mesh``; the batches run as in
+    :func:`bound_over_split`. The solver's steps are shared by a batch, so an image's figure moves with its batch
+    within the tolerances.
+    """
+    bits, steps = _over_split(bpd_fn, params, images, key, batch_size, labels, mesh, progress)
+    return bits.astype(np.float64), [int(s) for s in steps[::batch_size]]
+
+
+def _over_split(fn: Callable, params, images, key, batch_size: int, labels, mesh, progress):
+    """``fn(params, images, keys, labels)`` (a function jitted over ``mesh``) over every image of a split, image i
+    keyed ``fold_in(key, i)``, through :func:`jaxdiff.parallel.map_batches`."""
+    mesh = mesh or parallel.make_mesh()
+    if len(images) == 0:
         raise ValueError("No images to evaluate.")
-    sums = {k: 0.0 for k in TERMS}
-    squares, per_t = 0.0, None
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))  # padded rows reuse the last index
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        idx = np.minimum(np.arange(start, start + batch_size), stop - 1)
-        batch_labels = None if labels is None else jnp.asarray(labels[idx], jnp.int32)
-        result = bound_fn(params, jnp.asarray(images[idx]), keys[idx], batch_labels)
-        result = jax.tree.map(lambda x, m=stop - start: np.asarray(x[:m], np.float64), jax.device_get(result))
-        for k in TERMS:
-            sums[k] += float(getattr(result, k).sum())
-        squares += float((result.total**2).sum())
-        batch_curve = result.per_timestep.sum(axis=0)
-        per_t = batch_curve if per_t is None else per_t + batch_curve
-        if progress is not None:
-            progress(stop - start)
-    means = {k: v / n for k, v in sums.items()}
-    var = max(squares / n - means["total"] ** 2, 0.0) * n / max(n - 1, 1)
-    return SplitBound(**means, total_stderr=math.sqrt(var / n), per_timestep=per_t / n, num_examples=n)
+    params = parallel.replicate(params, mesh)
+    inputs = {"image": images, "label": None if labels is None else np.asarray(labels, np.int32)}
+    run = lambda batch: fn(params, batch["image"], batch["key"], batch.get("label"))
+    return parallel.map_batches(run, inputs, len(images), batch_size, mesh, key=key, progress=progress)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental.multihost_utils import sync_global_devices
 
-from jaxdiff import actions, checkpoints, diffusion, logs, parallel, pipeline, samplers
+from jaxdiff import actions, checkpoints, diffusion, flops, logs, parallel, pipeline, samplers
 from jaxdiff.data import DataConfig, InMemory, Streamed, make_batches, num_classes, open_split
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
@@ -227,8 +227,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         training_pipe = dataclasses.replace(pipe, params=state.ema_params)
         return state, manager, writer, _actions(run, training_pipe, workdir, checkpointer, writer, mesh, state, began)
 
-    compile_step = lambda: step_fn.lower(target, _batch_spec(run, network, mesh)).compile()
-    (state, manager, writer, after_step), prepared, compiled = _side_by_side(prepare, compile_step)
+    def compile_step():  # the step's model FLOPs per device, for the log line's utilisation
+        lowered = step_fn.lower(target, _batch_spec(run, network, mesh))
+        lowered.compile()
+        step_flops = flops.flops_of(lowered)
+        # XLA counts a loop's body once: the k micro-batches' scan holds the step's network work (the update, a
+        # percent of it, is counted k times too).
+        return None if step_flops is None else step_flops * run.optim.grad_accum_steps / mesh.devices.size
+
+    (state, manager, writer, after_step), prepared, (flops_per_device, compiled) = _side_by_side(prepare, compile_step)
+    after_step.report.flops_per_device = flops_per_device
     log(
         f"Start-up: {setup:.1f} s for the data and the network, then side by side: the state in {prepared:.1f} s, "
         f"the train step traced and compiled (or loaded from the cache) in {compiled:.1f} s."
@@ -257,8 +265,9 @@ def _state_builder(run: RunConfig, network: UNetConfig, optimizer, mesh):
 
 
 def _side_by_side(here, on_thread):
-    """Run ``on_thread()`` on a thread while ``here()`` runs in this one: ``here``'s result and both wall times in
-    seconds. An error of either is raised once both have ended."""
+    """Run ``on_thread()`` on a thread while ``here()`` runs in this one: ``here``'s result and its wall time in
+    seconds, then ``on_thread``'s result and wall time as a pair. An error of either is raised once both have
+    ended."""
 
     def timed(fn):
         start = time.perf_counter()
@@ -267,7 +276,7 @@ def _side_by_side(here, on_thread):
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-compile") as pool:
         other = pool.submit(timed, on_thread)
         result, seconds = timed(here)
-    return result, seconds, other.result()[1]
+    return result, seconds, other.result()
 
 
 def _batch_spec(run: RunConfig, network: UNetConfig, mesh) -> dict:
@@ -310,7 +319,8 @@ def _classes(data: DataConfig, split: InMemory | Streamed) -> int | None:
 def _actions(run: RunConfig, pipe, workdir, checkpointer, writer, mesh, state, began: float) -> actions.Actions:
     """The run's periodic actions, in the order they run after a step."""
     t, last, seed = run.training, run.training.num_steps, run.seed
-    report = actions.Report(writer, checkpointer.guard, last, t.batch_size, began)
+    dtype = run.model.get("dtype", "float32")
+    report = actions.Report(writer, checkpointer.guard, last, t.batch_size, began, dtype=dtype)
     held_out = _held_out(run)
     evaluate = None if held_out is None else actions.evaluate_bound(pipe, writer, held_out, _eval_key(run), mesh)
     guide_step = run.sampling.guide_step
@@ -351,9 +361,11 @@ def _held_out(run: RunConfig):
 
 
 def _writable(workdir: pathlib.Path) -> pathlib.Path:
+    """``workdir``, made if need be, once a file of this process's own was written and removed there (on a shared
+    file system one host's removal must not fail another's check)."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -1,7 +1,8 @@
 """Feature extractors for sample quality: the FID Inception network, and a small classifier for the 8x8 digits.
 
 An extractor maps uint8 images ``[N, H, W, C]`` to ``(features [N, D] float32, class probabilities [N, K] or None)``;
-its ``name`` keys the cached statistics of reference datasets. Both run jitted with the batch split over the devices.
+its ``name`` keys the cached statistics of reference datasets. Both run jitted with the batch split over the devices
+of every process (:func:`jaxdiff.parallel.map_batches`: each process feeds its rows, all get the features).
 
 Inception features mean nothing on 8x8 images, so the digits default is judged by :class:`DigitsClassifier`: a small
 convolutional network trained here, deterministically, in seconds, on the digits train split. Its penultimate layer
@@ -10,8 +11,7 @@ gives the features of a Fréchet distance and its softmax the classifier score (
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import optax
 
 from jaxdiff.images import from_uint8
 from jaxdiff.models.inception import FEATURE_DIM, InceptionV3
-from jaxdiff.parallel import batch_sharding, make_mesh, replicated, round_up_batch
+from jaxdiff.parallel import batch_sharding, make_mesh, map_batches, replicate, replicated, round_up_batch
 
 RESIZES = ("tf1", "half_pixel")
 
@@ -52,24 +52,34 @@ def resize_bilinear(images: jax.Array, size: int, half_pixel: bool = False) -> j
     return jnp.einsum("oh,nhwc,pw->nopc", rows, images, cols)
 
 
-def _run_batches(fn: Callable, images: np.ndarray, batch_size: int, mesh, progress=None) -> list[np.ndarray]:
-    """``fn`` over ``images`` in batches of ``batch_size``, or of all of them if fewer (the last batch padded, so there
-    is one compile)."""
-    batch_size = round_up_batch(max(1, min(batch_size, len(images))), mesh)  # a whole number of images per device
-    outs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        n = len(batch)
-        if n < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
-        result = jax.device_get(fn(jax.device_put(batch, batch_sharding(mesh))))
-        outs.append(jax.tree.map(lambda x, n=n: x[:n], result))
-        if progress is not None:
-            progress(n)
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)] if outs else []
+class _Extractor:
+    """What both extractors share: their jitted ``_apply(params, images)`` run over many images."""
+
+    params: object
+    batch_size: int
+    mesh: object
+    _apply: Callable
+
+    def extract(
+        self,
+        images: np.ndarray | Callable[[np.ndarray], Mapping[str, np.ndarray]],
+        count: int | None = None,
+        progress=None,
+    ) -> tuple[np.ndarray, ...]:
+        """The outputs of ``_apply`` for uint8 ``images [N, H, W, C]``, or for ``count`` images that
+        ``images(index) -> {"image": ...}`` reads (each process its rows only); in batches of ``batch_size``, or of all
+        of them if fewer."""
+        count = len(images) if count is None else count
+        if count == 0:
+            raise ValueError("No images to extract features from.")
+        inputs = images if callable(images) else {"image": images}
+        batch = round_up_batch(max(1, min(self.batch_size, count)), self.mesh)  # a whole number of images per device
+        self.params = replicate(self.params, self.mesh)  # once: on every device of every process
+        run = lambda b: self._apply(self.params, b["image"])
+        return map_batches(run, inputs, count, batch, self.mesh, progress=progress)
 
 
-class InceptionFeatures:
+class InceptionFeatures(_Extractor):
     """The FID Inception pool features (2048) and, when the weights hold the classifier, its 1008-way softmax.
 
     Images are resized to ``image_size`` (299 for FID) with ``resize`` (``tf1``: TF-GAN's; ``half_pixel``:
@@ -95,12 +105,11 @@ class InceptionFeatures:
             features, logits = net.apply(params, (x - 128.0) / 128.0)
             return (features,) if logits is None else (features, jax.nn.softmax(logits, axis=-1))
 
-        self._apply = jax.jit(apply, in_shardings=(replicated(self.mesh), batch_sharding(self.mesh)))
+        sharding = batch_sharding(self.mesh)
+        self._apply = jax.jit(apply, in_shardings=(replicated(self.mesh), sharding), out_shardings=sharding)
 
     def __call__(self, images: np.ndarray, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = _run_batches(functools.partial(self._apply, self.params), images, self.batch_size, self.mesh, progress)
-        if not outs:
-            raise ValueError("No images to extract features from.")
+        outs = self.extract(images, progress=progress)
         return outs[0], (outs[1] if self.has_logits else None)
 
 
@@ -156,7 +165,7 @@ def train_digits_classifier(
     return train(net.init(jax.random.key(seed), x[:1]))
 
 
-class DigitsClassifier:
+class DigitsClassifier(_Extractor):
     """Features and class probabilities of :class:`DigitsNet` trained on the digits train split (``seed``)."""
 
     dim = 64
@@ -174,14 +183,13 @@ class DigitsClassifier:
             features, logits = net.apply(params, from_uint8(images))
             return features, jax.nn.softmax(logits, axis=-1)
 
-        self._apply = jax.jit(apply, in_shardings=(replicated(self.mesh), batch_sharding(self.mesh)))
+        sharding = batch_sharding(self.mesh)
+        self._apply = jax.jit(apply, in_shardings=(replicated(self.mesh), sharding), out_shardings=sharding)
 
     def __call__(self, images: np.ndarray, progress=None) -> tuple[np.ndarray, np.ndarray]:
         if images.shape[1:] != (8, 8, 1):
             raise ValueError(f"The digits classifier takes 8x8x1 images, got {images.shape[1:]}.")
-        features, probs = _run_batches(
-            functools.partial(self._apply, self.params), images, self.batch_size, self.mesh, progress
-        )
+        features, probs = self.extract(images, progress=progress)
         return features, probs
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:

@@ -16,8 +16,10 @@ It is built in one place from each source:
   :func:`from_checkpoint` picks between the imports by what the path holds.
 
 Training-time grids, bits/dim and FID, ``sample.py`` and the notebooks all go through the same functions:
-:func:`make_sampler` + :func:`generate` for images (batch i drawn from ``fold_in(key(seed), i)``, split over the
-devices), and :func:`make_bound_fn` for the variational bound (with each image's own label for a conditional model).
+:func:`make_sampler` + :func:`generate` for images (image i drawn with the key ``fold_in(key(seed), i)``, so a seed
+gives the same images at any batch size, device count or process count), and :func:`make_bound_fn` for the
+variational bound (with each image's own label for a conditional model). Both run over many images through
+:func:`jaxdiff.parallel.map_batches`: each process feeds its rows of each batch, and every process gets the results.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoints, diffusion, images, parallel, samplers
 from jaxdiff.data import DataConfig
@@ -468,13 +469,15 @@ def make_sampler(
     edit: Edit | None = None,
     churn: float = 0.0,
 ) -> Callable[..., jax.Array]:
-    """A compiled ``(params, key, labels, batch, init=None) -> images in [-1, 1]`` with the batch split over ``mesh``.
+    """A compiled ``(params, keys [B], labels=None, init=None) -> images [B, H, W, C] in [-1, 1]``, the batch split
+    over ``mesh`` (its ``mesh`` attribute; ``lower`` lowers the program): image b's noise comes from ``keys[b]`` alone
+    (:func:`jaxdiff.parallel.example_keys` gives image i the key ``fold_in(key, i)``; :func:`generate` does that).
 
     ``sampler``: ``ddpm``, ``ddim`` (with ``eta``), ``dpm++2m``, ``dpm++3m`` or ``heun`` (with Karras et al.'s
-    ``churn``). ``labels`` is ``[batch]`` int32 for a class-conditional model, or None. ``steps``: the respaced
+    ``churn``). ``labels`` is ``[B]`` int32 for a class-conditional model, or None. ``steps``: the respaced
     schedule's length (None: all T), spread by ``spacing`` (None: the sampler's own grid,
     ``samplers.DEFAULT_SPACINGS``). ``guidance``: classifier-free guidance w (None: ``pipe.guidance``). With an
-    ``edit``, ``init`` is the ``[batch, H, W, C]`` images in [-1, 1] to edit. Each batch size compiles once.
+    ``edit``, ``init`` is the ``[B, H, W, C]`` images in [-1, 1] to edit. Each batch size compiles once.
     """
     diffusion.check_choice("sampler", sampler, samplers.SAMPLERS)
     guidance = pipe.guidance if guidance is None else guidance
@@ -493,7 +496,8 @@ def make_sampler(
             return samplers.heun_sample(schedule, model_fn, shape, key, x_T=x_T, s_churn=churn, **kwargs)
         return samplers.ddpm_sample(schedule, model_fn, shape, key, x_T=x_T, **kwargs)
 
-    def sample(params, key, labels, init, shape):
+    def sample(params, key, labels, init):
+        shape = (key.shape[0], *pipe.image_shape)
         model_fn = pipe.model_fn(params, labels, guidance)
         if edit is None:
             return from_noise(schedule, model_fn, key, shape)
@@ -512,17 +516,21 @@ def make_sampler(
         start = lambda schedule, key, x_T: from_noise(schedule, model_fn, key, shape, x_T)
         return samplers.sdedit(start, schedule, init, edit.strength, key)
 
-    compiled = {}
+    compiled = parallel.jit_batched(sample, mesh, (False, True, conditional, edit is not None))
 
-    def run(params, key, labels, batch, init=None):
+    def run(params, keys, labels=None, init=None):
+        if jnp.ndim(keys) != 1 or not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+            raise ValueError(
+                "The sampler takes one key per image, [B] typed keys: parallel.example_keys(jax.random.key(seed), "
+                "jnp.arange(B)) gives image i the key fold_in(key, i) (what pipeline.generate does)."
+            )
         if (init is None) != (edit is None):
             raise ValueError("Pass init (the images to edit) exactly when the sampler was made with an edit.")
-        if batch not in compiled:
-            shape = (batch, *pipe.image_shape)
-            fn = lambda p, k, y, x: sample(p, k, y, x, shape)
-            compiled[batch] = parallel.jit_batched(fn, mesh, (False, False, conditional, edit is not None))
-        return compiled[batch](params, key, labels if conditional else None, init)
+        if conditional and labels is None:
+            raise ValueError("A class-conditional model samples with labels: pass each image's class.")
+        return compiled(params, keys, labels if conditional else None, init)
 
+    run.mesh, run.lower = mesh, compiled.lower  # its mesh (for generate), and its program (for XLA's analyses)
     return run
 
 
@@ -545,30 +553,27 @@ def generate(
     progress: Callable[[int], None] | None = None,
     init_images: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``num_samples`` uint8 images ``[N, H, W, C]`` of ``pipe.params``: batch i drawn with ``fold_in(key(seed), i)``.
+    """``num_samples`` uint8 images ``[N, H, W, C]`` of ``pipe.params`` with ``run`` (:func:`make_sampler`'s), in
+    batches of ``batch_size`` over ``run``'s mesh; the same on every process.
 
-    A class-conditional model draws ``label``, or the classes in turn. The last batch is drawn whole and cut, so every
-    batch has the same shape (one compile). With ``init_images`` (uint8 ``[M, H, W, C]``, for a sampler made with an
-    edit) image i is an edit of ``init_images[i % M]``.
+    Image i is drawn with the key ``fold_in(key(seed), i)``: a seed gives the same images whatever the batch size, the
+    device count or the process count. A class-conditional model draws ``label``, or the classes in turn. Each process
+    feeds only its rows of each batch, and the last batch is padded (one compile: :func:`jaxdiff.parallel.map_batches`).
+    With ``init_images`` (uint8 ``[M, H, W, C]``, for a sampler made with an edit) image i is an edit of
+    ``init_images[i % M]``.
     """
-    devices = jax.device_count()
-    if batch_size < 1 or batch_size % devices:
-        raise ValueError(f"batch_size must be a positive multiple of the {devices} devices, got {batch_size}.")
-    padded = -(-num_samples // batch_size) * batch_size
-    labels = labels_for(padded, pipe.num_classes, label)
+    mesh = getattr(run, "mesh", None) or parallel.make_mesh()
+    inputs = {"label": labels_for(num_samples, pipe.num_classes, label)}
     if init_images is not None:
         check_images_fit(pipe, init_images, "the images to edit")
-        init_images = images.from_uint8(init_images[np.arange(padded) % len(init_images)])
+        inputs["init"] = images.from_uint8(init_images[np.arange(num_samples) % len(init_images)])
+    params = parallel.replicate(pipe.params, mesh)
+
+    def draw(batch):
+        return images.to_uint8(run(params, batch["key"], batch.get("label"), batch.get("init")))
+
     key = jax.random.key(seed)
-    out = []
-    for i, start in enumerate(range(0, num_samples, batch_size)):
-        batch_labels = None if labels is None else jnp.asarray(labels[start : start + batch_size])
-        init = None if init_images is None else init_images[start : start + batch_size]
-        drawn = images.to_uint8(run(pipe.params, jax.random.fold_in(key, i), batch_labels, batch_size, init))
-        out.append(np.asarray(multihost_utils.process_allgather(drawn, tiled=True)))
-        if progress is not None:
-            progress(min(batch_size, num_samples - start))
-    return np.concatenate(out)[:num_samples]
+    return parallel.map_batches(draw, inputs, num_samples, batch_size, mesh, key=key, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,8 +592,8 @@ def make_bound_fn(
     mesh = mesh or parallel.make_mesh()
 
     def bound(params, batch, keys, labels):
-        def model_fn(x, t):  # called on chunks of timesteps stacked along the batch
-            y = None if labels is None else jnp.tile(labels, x.shape[0] // labels.shape[0])
+        def model_fn(x, t):  # called on B * chunk rows, example-major: each label repeated for its example's rows
+            y = None if labels is None else jnp.repeat(labels, x.shape[0] // labels.shape[0])
             return pipe.apply_fn(params, x, t, y)
 
         x0 = images.from_uint8(batch)

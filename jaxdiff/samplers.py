@@ -1,10 +1,11 @@
 """Sampling: start from noise, remove the learned noise step by step; each sampler is one ``lax.scan`` over timesteps.
 
 Pure: the network enters as ``model_fn(x_t, timesteps) -> output`` (called with ``schedule.timestep_map[t]``, so a
-respaced schedule calls the network with the original timesteps). All randomness comes from one key: x_T is
-``normal(fold_in(key, T))`` and step t's noise ``normal(fold_in(key, t))``, each drawn for the whole batch, so under
-``jax.jit`` with the batch sharded over devices the same key gives the same images whatever the number of devices
-(JAX's partitionable threefry). :func:`jaxdiff.pipeline.make_sampler` compiles them that way.
+respaced schedule calls the network with the original timesteps). All randomness comes from ``key``: x_T is
+``normal(fold_in(key, T))`` and step t's noise ``normal(fold_in(key, t))``. ``key`` is one key (the noise drawn for
+the whole batch at once) or ``[B]`` keys, one per image (typed keys, ``jax.random.key``): then image b's noise comes
+from ``key[b]`` alone, so an image does not depend on the batch it is drawn in, nor on the devices or processes the
+batch is split over. :func:`jaxdiff.pipeline.make_sampler` compiles them that way, image i's key ``fold_in(key, i)``.
 
 Samplers:
   - :func:`ddpm_sample`: ancestral sampling (DDPM Algorithm 2) for every prediction (eps, x0, v) and variance
@@ -104,6 +105,36 @@ def check_eta(eta: float) -> None:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
 
 
+def _per_image(key: jax.Array) -> bool:
+    """Whether ``key`` is ``[B]`` typed keys, one per image (else one key for the whole batch)."""
+    return jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def _fold(key: jax.Array, data) -> jax.Array:
+    """``fold_in(key, data)``, of each image's key for per-image keys."""
+    if _per_image(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal noise of ``shape`` ``[B, ...]``: from one key, or image b's ``[...]`` from ``key[b]``."""
+    if not _per_image(key):
+        return jax.random.normal(key, shape, dtype)
+    if key.shape[0] != shape[0]:
+        raise ValueError(f"Got {key.shape[0]} keys for a batch of {shape[0]} images; pass one key, or one per image.")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+
+
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two keys from ``key`` (each image's key split for per-image keys)."""
+    if _per_image(key):
+        pairs = jax.vmap(jax.random.split)(key)
+        return pairs[:, 0], pairs[:, 1]
+    first, second = jax.random.split(key)
+    return first, second
+
+
 def _model_prediction(
     schedule: Schedule, model_fn: ModelFn, x_t, t_batch, prediction: str, variance: str, clip_x0: bool
 ):
@@ -131,7 +162,7 @@ def ddpm_step(
     Args:
       x_t: ``[B, ...]``.
       t: scalar int, the 0-indexed step of ``schedule``.
-      key: the step's noise key.
+      key: the step's noise key, or ``[B]`` keys, one per image.
 
     Returns:
       (x_{t-1}, predicted x_0), both ``[B, ...]``.
@@ -141,7 +172,7 @@ def ddpm_step(
     p = diffusion.p_mean_variance(
         schedule, out, x_t, t_batch, prediction=prediction, variance=variance, clip_x0=clip_x0
     )
-    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+    noise = _normal(key, x_t.shape, x_t.dtype)
     x_prev = p.mean + jnp.where(t > 0, jnp.exp(0.5 * p.log_variance), 0.0) * noise
     return x_prev, p.pred_x0
 
@@ -172,7 +203,7 @@ def ddim_step(
     abar_prev = schedule.alphas_cumprod_prev[t]
     sigma2 = eta**2 * schedule.posterior_variance[t]
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0))
-    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+    noise = _normal(key, x_t.shape, x_t.dtype)
     x_prev = jnp.sqrt(abar_prev) * pred_x0 + direction * pred_eps + jnp.sqrt(sigma2) * noise
     return x_prev.astype(x_t.dtype), pred_x0
 
@@ -205,7 +236,7 @@ def _scan_steps(step_fn, x_init, ts, trajectory_every: int | None):
 
 def _starting_noise(key: jax.Array, shape: tuple[int, ...], T: int, x_T: jax.Array | None) -> jax.Array:
     """x_T as given, else ``normal(fold_in(key, T))``: every sampler starts from the same noise for the same key."""
-    return jax.random.normal(jax.random.fold_in(key, T), shape) if x_T is None else x_T
+    return _normal(_fold(key, T), shape) if x_T is None else x_T
 
 
 def _downwards(T: int) -> jax.Array:
@@ -217,7 +248,7 @@ def _sample_down(step, key, shape, T, x_T, trajectory_every):
     """``step(x_t, t, key_t)`` from x_T (given, or ``normal(fold_in(key, T))``) through t = T-1, ..., 0, with
     ``key_t = fold_in(key, t)``."""
     x_T = _starting_noise(key, shape, T, x_T)
-    keyed = lambda x, t: step(x, t, jax.random.fold_in(key, t))
+    keyed = lambda x, t: step(x, t, _fold(key, t))
     x, traj = _scan_steps(keyed, x_T, _downwards(T), trajectory_every)
     return x if trajectory_every is None else (x, traj)
 
@@ -239,6 +270,7 @@ def ddpm_sample(
     Args:
       shape: ``[B, ...]`` of the images.
       key: x_T is ``normal(fold_in(key, T))`` (unless ``x_T`` is given); step t's noise ``normal(fold_in(key, t))``.
+        One key, or ``[B]`` keys: image b's noise from ``key[b]`` alone.
       x_T: the starting noise, to override the key's.
       trajectory_every: also return a :class:`Trajectory` with snapshots after every this many steps.
 
@@ -471,7 +503,7 @@ def heun_sample(
         if gamma_max > 0:  # raise the noise to sigma_hat first
             gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
             sigma_hat = jnp.minimum(sigma * (1.0 + gamma), sigmas[-1])
-            noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+            noise = _normal(_fold(key, t), x.shape, x.dtype)
             x_tilde = x_tilde + s_noise * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * noise
             sigma = sigma_hat
             d = (x_tilde - denoise_between(x_tilde, sigma)) / sigma
@@ -613,21 +645,21 @@ def repaint_sample(
 
     def walk(x, row):
         (t, direction), i = row
-        step_key, known_key = jax.random.split(jax.random.fold_in(key, i))
+        step_key, known_key = _split(_fold(key, i))
 
         def go_down(x):
             unknown, _ = down(x, t, step_key)
-            noise = jax.random.normal(known_key, x.shape, x.dtype)
+            noise = _normal(known_key, x.shape, x.dtype)
             known = schedule.sqrt_alphas_cumprod_prev[t] * x0 + jnp.sqrt(1.0 - schedule.alphas_cumprod_prev[t]) * noise
             return mask * known + (1.0 - mask) * unknown
 
         def go_up(x):
-            noise = jax.random.normal(step_key, x.shape, x.dtype)
+            noise = _normal(step_key, x.shape, x.dtype)
             return jnp.sqrt(schedule.alphas[t]) * x + jnp.sqrt(schedule.betas[t]) * noise
 
         return jax.lax.cond(direction > 0, go_down, go_up, x).astype(x.dtype), None
 
-    x_T = jax.random.normal(jax.random.fold_in(key, path.shape[0]), x0.shape, x0.dtype)
+    x_T = _normal(_fold(key, path.shape[0]), x0.shape, x0.dtype)
     rows = (path, jnp.arange(path.shape[0], dtype=jnp.int32))
     x, _ = jax.lax.scan(walk, x_T, rows)
     return x
@@ -647,7 +679,9 @@ def guided(
       apply_fn: the conditional network, ``apply_fn(x_t, timesteps, labels) -> output``.
       labels: ``[B]`` int class labels.
       null_label: the label of the unconditional model (``num_classes`` for jaxdiff's UNet).
-      scale: w; 0 is the plain conditional model. Both branches run in one batched call.
+      scale: w; 0 is the plain conditional model. Both branches run in one batched call of ``2B`` rows, image-major
+        (rows 2b and 2b + 1 are image b with its label and with the null label), so that a batch split over devices
+        stays where it is: each device runs both branches of its own images.
       variance: with a learned variance only the prediction half is guided; the variance half is the conditional one.
 
     The combination is affine with weights summing to 1, so guiding the raw output is the same as guiding eps for
@@ -655,13 +689,10 @@ def guided(
     """
 
     def model_fn(x_t, timesteps):
-        both = apply_fn(
-            jnp.concatenate([x_t, x_t]),
-            jnp.concatenate([timesteps, timesteps]),
-            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
-        )
-        cond, uncond = jnp.split(both, 2)
-        return _extrapolate(cond, uncond, scale, variance)
+        pair = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+        both = apply_fn(pair(x_t, x_t), pair(timesteps, timesteps), pair(labels, jnp.full_like(labels, null_label)))
+        both = both.reshape(x_t.shape[0], 2, *both.shape[1:])
+        return _extrapolate(both[:, 0], both[:, 1], scale, variance)
 
     return model_fn
 

@@ -94,7 +94,8 @@ def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
 class TrainState:
     """Everything a run needs to continue: no RNG is stored (keys come from the step).
 
-    ``loss_history`` ``[T, 10]`` and ``history_count`` ``[T]`` feed importance sampling of t (zeros otherwise).
+    ``loss_history`` ``[T, 10]`` and ``history_count`` ``[T]`` feed importance sampling of t (zeros otherwise: a run
+    that draws t uniformly never writes them).
     """
 
     step: jax.Array
@@ -247,7 +248,9 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = _ema_update(state.ema_params, params, state.step, opt)
-        history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
+        history, count = state.loss_history, state.history_count
+        if objective.t_sampling == "importance":  # a loop over the batch: only where the draws read the history
+            history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
         new_state = TrainState(state.step + 1, params, ema, opt_state, history, count)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step changes nothing, so the state in hand (and any checkpoint of it) stays the last good one.

@@ -50,14 +50,20 @@ def test_the_accelerator_benchmark_runs_on_a_cpu(accelerator, tmp_path):
         assert row["finite"] and row["images_per_sec"] == pytest.approx(row["batch"] / row["seconds"])
 
 
-def test_the_peak_table_takes_the_most_specific_device_name(accelerator):
-    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert accelerator.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM part's figure
-    assert accelerator.peak_flops("NVIDIA H200", "float32") == 494e12
-    assert accelerator.peak_flops("TPU v5 lite", "bfloat16") == 197e12  # v5e, not v5p
-    assert accelerator.peak_flops("TPU v5p", "bfloat16") == 459e12
-    assert accelerator.peak_flops("Tesla V100-SXM2-16GB", "bfloat16") is None
-    assert accelerator.peak_flops("cpu", "float32") is None
+def test_the_peak_table_takes_the_most_specific_device_name():
+    from jaxdiff.flops import peak_flops, utilisation
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM part's figure
+    assert peak_flops("NVIDIA H200", "float32") == 494e12
+    assert peak_flops("TPU v5 lite", "bfloat16") == 197e12  # v5e, not v5p
+    assert peak_flops("TPU v5p", "bfloat16") == 459e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bfloat16") is None
+    assert peak_flops("cpu", "float32") is None
+    # The log line's figure: FLOPs per device times steps/s, and its share of the peak where the device is known.
+    assert utilisation(2e12, 50.0, "NVIDIA H100 80GB HBM3", "bfloat16") == "100 TFLOP/s/device (MFU 10.1%)"
+    assert utilisation(2e9, 3.0, "cpu", "float32") == "0.006 TFLOP/s/device"
+    assert utilisation(None, 3.0, "cpu", "float32") == ""
 
 
 def test_the_harness_alternates_processes_and_takes_ratios_pair_by_pair(versus, monkeypatch):

@@ -307,9 +307,8 @@ class VariationalBoundTest(chex.TestCase):
         betas = beta_schedule("linear", T)
         full = make_schedule("linear", T)
         x0 = images(15, (2, 4, 4, 3))
-        oracle = lambda x_t, ts: diffusion.predict_eps_from_x0(
-            full, x_t, ts, jnp.tile(x0, (x_t.shape[0] // 2, 1, 1, 1))
-        )
+        # The network is called example-major: row b * chunk + j is example b.
+        oracle = lambda x_t, ts: diffusion.predict_eps_from_x0(full, x_t, ts, jnp.repeat(x0, x_t.shape[0] // 2, axis=0))
         for sched in (full, respace(betas, space_timesteps(T, 50))):
             bound = diffusion.variational_bound(sched, oracle, x0, jax.random.key(1), chunk_size=25)
             assert bound.per_timestep.shape == (2, sched.num_timesteps)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import pipeline, samplers
+from jaxdiff import parallel, pipeline, samplers
 from jaxdiff.schedules import beta_schedule, log_sigma_at, log_sigmas, make_schedule, snr_spaced_timesteps, timestep_at
 from tests.helpers import ROOT, fake_run
 
@@ -338,7 +338,7 @@ def test_sample_py_writes_the_grid_the_pngs_and_an_npz_for_fid_tools(tmp_path, s
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir())[-1] == "000009.png"
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "images" / "000004.png")), images[4, ..., 0])
     assert (tmp_path / "out" / "grid.png").is_file()
-    # The same request gives the same images (batch i from fold_in(key(seed), i)); bad requests fail clearly.
+    # The same request gives the same images (image i from fold_in(key(seed), i)); bad requests fail clearly.
     pipe = pipeline.from_workdir(tmp_path / "run")
     run = pipeline.make_sampler(pipe, "ddim", 5)
     np.testing.assert_array_equal(pipeline.generate(pipe, run, 10, 4, seed=0), images)
@@ -376,48 +376,18 @@ def test_bad_sampling_requests_fail_before_any_compile(tmp_path):
     np.testing.assert_array_equal(pipeline.labels_for(3, 3, 2), [2, 2, 2])
 
 
-SHARDED = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-sys.path.insert(0, sys.argv[1])
-import jax, numpy as np
-from jaxdiff import pipeline
-from jaxdiff.parallel import make_mesh
-pipe = pipeline.from_workdir(sys.argv[2])
-key = jax.random.key(11)
-one = pipeline.make_sampler(pipe, "ddpm", 4, mesh=make_mesh(jax.devices()[:1]))(pipe.params, key, None, 16)
-eight = pipeline.make_sampler(pipe, "ddpm", 4, mesh=make_mesh())(pipe.params, key, None, 16)
-assert len(eight.sharding.device_set) == 8 and len(one.sharding.device_set) == 1
-np.savez(sys.argv[3], one=np.asarray(one), eight=np.asarray(eight))
-"""
-
-
-def test_the_same_key_gives_the_same_images_on_one_and_eight_devices(tmp_path, subprocess_env):
-    fake_run(tmp_path / "run")
-    out = tmp_path / "images.npz"
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED, str(ROOT), str(tmp_path / "run"), str(out)],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    images = np.load(out)
-    assert images["one"].std() > 0.1  # 16 different images
-    np.testing.assert_allclose(images["eight"], images["one"], rtol=1e-5, atol=1e-5)
-
-
 def test_the_pipeline_runs_the_ode_solvers_on_their_own_grids(tmp_path):
     fake_run(tmp_path)
     pipe = pipeline.from_workdir(tmp_path)
-    key = jax.random.key(3)
-    x_T = jax.random.normal(jax.random.fold_in(key, 6), (4, *pipe.image_shape))  # a 6-step chain draws x_T at 6
+    keys = parallel.example_keys(jax.random.key(3), jnp.arange(4))  # image i's key: fold_in(key, i)
+    # A 6-step chain draws each image's x_T from its own key folded with 6.
+    x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 6), pipe.image_shape))(keys)
+    key = jax.random.key(0)  # the direct solvers' key: unused, x_T is given
     for sampler, direct in (
         ("dpm++3m", lambda s, f: samplers.dpm_solver_sample(s, f, x_T.shape, key, order=3, x_T=x_T, clip_x0=True)),
         ("heun", lambda s, f: samplers.heun_sample(s, f, x_T.shape, key, x_T=x_T, clip_x0=True)),
     ):
-        images = pipeline.make_sampler(pipe, sampler, 6)(pipe.params, key, None, 4)
+        images = pipeline.make_sampler(pipe, sampler, 6)(pipe.params, keys)
         schedule = pipe.sampling_schedule(6, samplers.DEFAULT_SPACINGS[sampler])
         want = jax.jit(lambda p, s=schedule, d=direct: d(s, pipe.model_fn(p)))(pipe.params)
         np.testing.assert_allclose(images, want, atol=1e-5)
@@ -537,6 +507,36 @@ def test_repaint_keeps_the_known_pixels_and_samples_the_conditional_gaussian():
     assert np.all(np.abs(x[:, 2:].mean(0) - COV_MEAN[u]) > 0.08)
     with pytest.raises(ValueError, match="does not fit images"):
         samplers.repaint_sample(schedule, correlated_eps, jnp.asarray(x0), np.ones((3, 2, 1)), KEY)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta", "heun_churn", "sdedit", "repaint"])
+def test_with_a_key_per_image_an_image_does_not_depend_on_its_batch(sampler):
+    """Every sampler that draws noise, given ``[B]`` keys, draws image b from ``key[b]`` alone: 4 images in one batch
+    equal the same 4 in two batches of 2 (the pipeline's image i key ``fold_in(key, i)`` rests on it); and they
+    differ from one another (each key its own noise)."""
+    schedule = samplers.respaced(beta_schedule("linear", T), 8, "karras" if sampler == "heun_churn" else "even")
+    given = jnp.broadcast_to(jnp.asarray(DATA_MEAN), (4, *SHAPE))
+    known = jnp.asarray(np.array([1.0, 0.0, 1.0, 0.0], np.float32).reshape(SHAPE))
+
+    def draw(keys, x0):
+        shape = x0.shape
+        if sampler == "ddpm":
+            return samplers.ddpm_sample(schedule, optimal_eps, shape, keys, clip_x0=False)
+        if sampler == "ddim_eta":
+            return samplers.ddim_sample(schedule, optimal_eps, shape, keys, eta=1.0, clip_x0=False)
+        if sampler == "heun_churn":
+            return samplers.heun_sample(schedule, eps_between_steps, shape, keys, s_churn=4.0)  # fractional t
+        if sampler == "sdedit":
+            start = lambda s, k, x_T: samplers.ddim_sample(s, optimal_eps, x_T.shape, k, x_T=x_T, eta=1.0)
+            return samplers.sdedit(start, schedule, x0, 0.5, keys)
+        return samplers.repaint_sample(schedule, optimal_eps, x0, known, keys, jump_length=2, resamplings=2)
+
+    keys = parallel.example_keys(jax.random.key(7), jnp.arange(4))
+    run = jax.jit(draw)
+    whole = np.asarray(run(keys, given))
+    halves = np.concatenate([np.asarray(run(keys[:2], given[:2])), np.asarray(run(keys[2:], given[2:]))])
+    np.testing.assert_allclose(halves, whole, rtol=1e-6, atol=1e-6)
+    assert len({image.tobytes() for image in whole}) == 4
 
 
 def test_sample_py_edits_given_images_with_sdedit_and_inpainting(tmp_path, subprocess_env):

@@ -92,6 +92,26 @@ def test_importance_sampling_prefers_high_loss_timesteps():
     assert np.all(uniform_w == 1.0)
 
 
+def test_the_loss_history_is_written_only_when_it_is_read():
+    """Importance sampling of t keeps each timestep's recent losses; a run that draws t uniformly skips that loop over
+    the batch and leaves the history empty."""
+    schedule = make_schedule("linear", 10)
+    params = {"w": jnp.ones(())}
+    apply = lambda p, x, t, y, key: p["w"] * x
+    opt = training.OptimConfig(lr=1e-3, warmup_steps=0)
+    optimizer = training.make_optimizer(opt)
+    batch = {"image": jnp.linspace(-1, 1, 8 * 4).reshape(8, 2, 2, 1), "label": jnp.zeros((8,), jnp.int32)}
+    for sampling in ("uniform", "importance"):
+        objective = pipeline.DiffusionConfig(num_timesteps=10, t_sampling=sampling)
+        step = jax.jit(training.make_train_step(apply, schedule, objective, optimizer, opt, seed=0))
+        state, _ = step(training.init_train_state(params, optimizer, 10), batch)
+        if sampling == "uniform":
+            assert int(state.history_count.sum()) == 0 and float(jnp.abs(state.loss_history).sum()) == 0
+        else:
+            assert int(state.history_count.sum()) == 8  # one loss per example, at its timestep
+            assert float(state.loss_history[:, -1].sum()) > 0
+
+
 def run_workers(tmp_path, env, runs):
     """Start every worker command of ``runs`` ({name: [argv tail, ...]}) at once; their saved results by name."""
     worker = str(ROOT / "tests" / "train_worker.py")
@@ -529,8 +549,9 @@ def test_the_start_up_runs_both_sides_to_their_end_and_raises_the_error_of_eithe
 
         return fn
 
-    result, here_seconds, thread_seconds = experiment._side_by_side(here, lambda: ended.append("thread"))
-    assert result == 7 and here_seconds >= 0 and thread_seconds >= 0 and sorted(ended) == ["here", "thread"]
+    result, here_seconds, (thread_result, thread_seconds) = experiment._side_by_side(here, lambda: ended.append(3))
+    assert result == 7 and thread_result is None and here_seconds >= 0 and thread_seconds >= 0
+    assert sorted(ended, key=str) == [3, "here"]
     for here_fn, thread_fn, message in ((here, fails("compile"), "compile"), (fails("restore"), here, "restore")):
         ended.clear()
         with pytest.raises(ValueError, match=message):
