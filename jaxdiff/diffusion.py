@@ -41,6 +41,34 @@ def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(allowed)}.")
 
 
+def key_per_example(key: Array) -> bool:
+    """Whether ``key`` is ``[B]`` typed keys (``jax.random.key``), one per example, rather than one key for a batch."""
+    return jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def fold_keys(key: Array, data) -> Array:
+    """``fold_in(key, data)``: of the one key, or of each example's key."""
+    if key_per_example(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
+
+
+def normal_noise(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """Standard normal noise of ``shape`` ``[B, ...]``: from one key for the whole batch, or example b's ``[...]``
+    from ``key[b]`` alone (then it does not depend on the batch the example is in).
+
+    Raises:
+      ValueError: per-example keys that are not one per example.
+    """
+    if not key_per_example(key):
+        return jax.random.normal(key, shape, dtype)
+    if key.shape[0] != shape[0]:
+        raise ValueError(
+            f"Got {key.shape[0]} keys for a batch of {shape[0]} examples; pass one key, or one per example."
+        )
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+
+
 def _check_t(t: Array, x: Array) -> None:
     t_shape, t_dtype = jnp.shape(t), jnp.result_type(t)
     if x.ndim < 1 or t_shape != (x.shape[0],):
@@ -557,8 +585,7 @@ def variational_bound(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     check_choice("decoder", decoder, DECODERS)
     T, B = schedule.num_timesteps, x0.shape[0]
-    per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if per_example and key.shape[0] != B:
+    if key_per_example(key) and key.shape[0] != B:
         raise ValueError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
     chunk = min(chunk_size, T)
     num_chunks = -(-T // chunk)
@@ -566,12 +593,8 @@ def variational_bound(
 
     def chunk_terms(ts: Array) -> Array:  # [chunk] -> [B, chunk]
         ts = jnp.minimum(ts, T - 1)  # the padding of the last chunk repeats T - 1; discarded below
-        if per_example:
-            draw = lambda k, s: jax.random.normal(jax.random.fold_in(k, s), x0.shape[1:], x0.dtype)
-            noise = jax.vmap(lambda k: jax.vmap(lambda s: draw(k, s))(ts))(key)
-        else:
-            noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x0.shape, x0.dtype))(ts)
-            noise = jnp.swapaxes(noise, 0, 1)
+        noise = jax.vmap(lambda s: normal_noise(fold_keys(key, s), x0.shape, x0.dtype))(ts)  # [chunk, B, ...]
+        noise = jnp.swapaxes(noise, 0, 1)
         t_flat = jnp.tile(ts, B)
         x_t = q_sample(schedule, x0_rep, t_flat, noise.reshape(x0_rep.shape))
         out = model_fn(x_t, jnp.take(schedule.timestep_map, t_flat))

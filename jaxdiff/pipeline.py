@@ -519,7 +519,7 @@ def make_sampler(
     compiled = parallel.jit_batched(sample, mesh, (False, True, conditional, edit is not None))
 
     def run(params, keys, labels=None, init=None):
-        if jnp.ndim(keys) != 1 or not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        if not diffusion.key_per_example(keys):
             raise ValueError(
                 "The sampler takes one key per image, [B] typed keys: parallel.example_keys(jax.random.key(seed), "
                 "jnp.arange(B)) gives image i the key fold_in(key, i) (what pipeline.generate does)."

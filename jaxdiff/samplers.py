@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion
-from jaxdiff.diffusion import ModelFn
+from jaxdiff.diffusion import ModelFn, fold_keys, key_per_example, normal_noise
 from jaxdiff.schedules import (
     SNR_SPACINGS,
     Schedule,
@@ -105,30 +105,9 @@ def check_eta(eta: float) -> None:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
 
 
-def _per_image(key: jax.Array) -> bool:
-    """Whether ``key`` is ``[B]`` typed keys, one per image (else one key for the whole batch)."""
-    return jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-
-
-def _fold(key: jax.Array, data) -> jax.Array:
-    """``fold_in(key, data)``, of each image's key for per-image keys."""
-    if _per_image(key):
-        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
-    return jax.random.fold_in(key, data)
-
-
-def _normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Standard normal noise of ``shape`` ``[B, ...]``: from one key, or image b's ``[...]`` from ``key[b]``."""
-    if not _per_image(key):
-        return jax.random.normal(key, shape, dtype)
-    if key.shape[0] != shape[0]:
-        raise ValueError(f"Got {key.shape[0]} keys for a batch of {shape[0]} images; pass one key, or one per image.")
-    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
-
-
 def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Two keys from ``key`` (each image's key split for per-image keys)."""
-    if _per_image(key):
+    if key_per_example(key):
         pairs = jax.vmap(jax.random.split)(key)
         return pairs[:, 0], pairs[:, 1]
     first, second = jax.random.split(key)
@@ -172,7 +151,7 @@ def ddpm_step(
     p = diffusion.p_mean_variance(
         schedule, out, x_t, t_batch, prediction=prediction, variance=variance, clip_x0=clip_x0
     )
-    noise = _normal(key, x_t.shape, x_t.dtype)
+    noise = normal_noise(key, x_t.shape, x_t.dtype)
     x_prev = p.mean + jnp.where(t > 0, jnp.exp(0.5 * p.log_variance), 0.0) * noise
     return x_prev, p.pred_x0
 
@@ -203,7 +182,7 @@ def ddim_step(
     abar_prev = schedule.alphas_cumprod_prev[t]
     sigma2 = eta**2 * schedule.posterior_variance[t]
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0))
-    noise = _normal(key, x_t.shape, x_t.dtype)
+    noise = normal_noise(key, x_t.shape, x_t.dtype)
     x_prev = jnp.sqrt(abar_prev) * pred_x0 + direction * pred_eps + jnp.sqrt(sigma2) * noise
     return x_prev.astype(x_t.dtype), pred_x0
 
@@ -236,7 +215,7 @@ def _scan_steps(step_fn, x_init, ts, trajectory_every: int | None):
 
 def _starting_noise(key: jax.Array, shape: tuple[int, ...], T: int, x_T: jax.Array | None) -> jax.Array:
     """x_T as given, else ``normal(fold_in(key, T))``: every sampler starts from the same noise for the same key."""
-    return _normal(_fold(key, T), shape) if x_T is None else x_T
+    return normal_noise(fold_keys(key, T), shape) if x_T is None else x_T
 
 
 def _downwards(T: int) -> jax.Array:
@@ -248,7 +227,7 @@ def _sample_down(step, key, shape, T, x_T, trajectory_every):
     """``step(x_t, t, key_t)`` from x_T (given, or ``normal(fold_in(key, T))``) through t = T-1, ..., 0, with
     ``key_t = fold_in(key, t)``."""
     x_T = _starting_noise(key, shape, T, x_T)
-    keyed = lambda x, t: step(x, t, _fold(key, t))
+    keyed = lambda x, t: step(x, t, fold_keys(key, t))
     x, traj = _scan_steps(keyed, x_T, _downwards(T), trajectory_every)
     return x if trajectory_every is None else (x, traj)
 
@@ -503,7 +482,7 @@ def heun_sample(
         if gamma_max > 0:  # raise the noise to sigma_hat first
             gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
             sigma_hat = jnp.minimum(sigma * (1.0 + gamma), sigmas[-1])
-            noise = _normal(_fold(key, t), x.shape, x.dtype)
+            noise = normal_noise(fold_keys(key, t), x.shape, x.dtype)
             x_tilde = x_tilde + s_noise * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * noise
             sigma = sigma_hat
             d = (x_tilde - denoise_between(x_tilde, sigma)) / sigma
@@ -645,21 +624,21 @@ def repaint_sample(
 
     def walk(x, row):
         (t, direction), i = row
-        step_key, known_key = _split(_fold(key, i))
+        step_key, known_key = _split(fold_keys(key, i))
 
         def go_down(x):
             unknown, _ = down(x, t, step_key)
-            noise = _normal(known_key, x.shape, x.dtype)
+            noise = normal_noise(known_key, x.shape, x.dtype)
             known = schedule.sqrt_alphas_cumprod_prev[t] * x0 + jnp.sqrt(1.0 - schedule.alphas_cumprod_prev[t]) * noise
             return mask * known + (1.0 - mask) * unknown
 
         def go_up(x):
-            noise = _normal(step_key, x.shape, x.dtype)
+            noise = normal_noise(step_key, x.shape, x.dtype)
             return jnp.sqrt(schedule.alphas[t]) * x + jnp.sqrt(schedule.betas[t]) * noise
 
         return jax.lax.cond(direction > 0, go_down, go_up, x).astype(x.dtype), None
 
-    x_T = _normal(_fold(key, path.shape[0]), x0.shape, x0.dtype)
+    x_T = normal_noise(fold_keys(key, path.shape[0]), x0.shape, x0.dtype)
     rows = (path, jnp.arange(path.shape[0], dtype=jnp.int32))
     x, _ = jax.lax.scan(walk, x_T, rows)
     return x
