@@ -32,9 +32,10 @@ import sys
 from absl import app, flags, logging
 
 from jaxdiff import launch
+from jaxdiff.samplers import SAMPLERS
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
-use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
+use_fast_cpu_convolutions()  # before the first computation: 1.3x faster CPU gradients (docs/benchmarks.md)
 
 flags.DEFINE_string("workdir", None, "A training run's workdir: its newest checkpoint's EMA parameters and config.")
 flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step to use (default: the newest readable).")
@@ -57,7 +58,11 @@ flags.DEFINE_integer(
     "batch_size", None, "Images per compiled batch, rounded up to a multiple of the devices (default: by image size)."
 )
 flags.DEFINE_enum(
-    "sampler", "ddpm", ["ddpm", "ddim", "dpm++2m", "dpm++3m", "heun"], "Ancestral DDPM, DDIM, or an ODE solver."
+    "sampler",
+    "ddpm",
+    list(SAMPLERS),
+    "Ancestral DDPM, DDIM, or an ODE solver (dpm++3m-ref: 3M as DPM-Solver's, diffusers' and k-diffusion's codes have "
+    "it; docs/conventions.md).",
 )
 flags.DEFINE_integer("steps", None, "Sampling steps; default: all T for ddpm, 50 for ddim, 20 for the ODE solvers.")
 flags.DEFINE_enum(

@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxdiff import parallel, pipeline, training  # noqa: E402
 from jaxdiff.experiment import run_config  # noqa: E402
 from jaxdiff.flops import flops_of, peak_flops  # noqa: E402
-from jaxdiff.models import UNet, init_params, make_apply  # noqa: E402
+from jaxdiff.models.unet import UNet, abstract_params, init_params, make_apply  # noqa: E402
 
 
 def load_config(path: str):
@@ -124,7 +124,7 @@ def train_figures(run, dtype: str, batch: int, steps: int, warmup: int, trace_di
     # The forward pass alone at the same batch, for the train step's FLOPs per forward (about 3: forward, backward).
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    forward = jax.jit(UNet(network).apply).lower(pipeline.abstract_params(network), x, t)  # counted, not compiled
+    forward = jax.jit(UNet(network).apply).lower(abstract_params(network), x, t)  # counted, not compiled
     flops, forward_flops = flops_of(lowered), flops_of(forward)  # the program's FLOPs, before XLA's rewrites
     steps_per_sec = steps / seconds
     peak = peak_flops(jax.devices()[0].device_kind, dtype)

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import checkpoints, pipeline
-from jaxdiff.models.unet import UNetConfig
+from jaxdiff.models.unet import UNetConfig, abstract_params
 from jaxdiff.training import OptimConfig, init_train_state, make_optimizer
 
 
 def cifar10_state():
     model = UNetConfig()  # the DDPM CIFAR-10 network
     optimizer = make_optimizer(OptimConfig())
-    params = pipeline.abstract_params(model)
+    params = abstract_params(model)
     shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer, 1000), params)
     rng = np.random.default_rng(0)
 

@@ -31,8 +31,9 @@ import jax
 import numpy as np
 from sampler_quality import cpu_model  # beside this script
 
-from jaxdiff import evaluation, features, pipeline
+from jaxdiff import metrics, pipeline
 from jaxdiff.data import load_split
+from jaxdiff.metrics import features
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation, as sample.py
@@ -46,7 +47,7 @@ def floor_fit(extractor, reference, test_images: np.ndarray, sizes=(75, 100, 150
     feats, _ = extractor(test_images)
     rng = np.random.default_rng(0)
     n_all = len(test_images)
-    fd = lambda idx: evaluation.frechet_distance(evaluation.feature_stats(feats[idx]), reference)
+    fd = lambda idx: metrics.frechet_distance(metrics.feature_stats(feats[idx]), reference)
     sizes = [n for n in sizes if n < n_all]
     means = [np.mean([fd(rng.choice(n_all, n, replace=False)) for _ in range(draws)]) for n in sizes]
     sizes, means = np.array([*sizes, n_all], float), np.array([*means, fd(np.arange(n_all))])
@@ -79,7 +80,7 @@ def judge(ways: dict, sampler: str, steps, seed: int, counts: list[int], extract
         images = pipeline.generate(model, run, counts[-1], counts[-1], seed=0)
         seconds = time.perf_counter() - start
         for n in counts:
-            quality = evaluation.sample_quality(extractor, images[:n], reference)
+            quality = metrics.sample_quality(extractor, images[:n], reference)
             rows.append(dict(seed=seed, sampler=name, n=n, fd=quality["fid"], score=quality["score"]))
             print(f"seed {seed}  {name:11s} N={n:4d}  FD {quality['fid']:6.2f}  score {quality['score']:.3f}")
         print(f"  ({counts[-1]} images in {seconds:.0f} s, compile included)", flush=True)
@@ -110,7 +111,7 @@ def main() -> None:
         pipe = pipeline.from_workdir(workdir)
         if extractor is None:
             extractor = features.make_extractor("digits", pipe.data)
-            reference = evaluation.reference_stats(extractor, pipe.data)
+            reference = metrics.reference_stats(extractor, pipe.data)
         for name in args.samplers.split(","):
             sampler, steps = SAMPLERS[name]
             ways = {name: pipe}
@@ -119,7 +120,7 @@ def main() -> None:
             judge(ways, sampler, steps, seed, counts, extractor, reference, rows)
 
     test_images, _ = load_split(dataclasses.replace(pipe.data, split=pipe.data.eval_split, random_flip=False))
-    real = evaluation.sample_quality(extractor, test_images, reference)
+    real = metrics.sample_quality(extractor, test_images, reference)
     a, b = floor_fit(extractor, reference, test_images)
     floors = {n: (real["fid"] if n == len(test_images) else a + b / n) for n in counts}
     print(

@@ -31,8 +31,9 @@ import time
 
 import jax
 
-from jaxdiff import evaluation, features, parallel, pipeline
+from jaxdiff import evaluation, metrics, parallel, pipeline
 from jaxdiff.data import DataConfig, load_split
+from jaxdiff.metrics import features
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation, as sample.py
@@ -48,7 +49,7 @@ def judge(pipe, sampler, steps, spacing, num_samples, batch, extractor, referenc
     start = time.perf_counter()
     drawn = pipeline.generate(pipe, run, num_samples, parallel.round_up_batch(min(batch, num_samples), mesh), seed)
     seconds = time.perf_counter() - start
-    quality = evaluation.sample_quality(extractor, drawn, reference)
+    quality = metrics.sample_quality(extractor, drawn, reference)
     row = dict(sampler=sampler, steps=steps or pipe.num_timesteps, spacing=spacing, num_samples=num_samples)
     row.update(fid=quality["fid"], inception_score=quality.get("score"), sampling_seconds=seconds)
     score = "n/a (the Inception weights have no classifier)" if row["inception_score"] is None else None
@@ -86,7 +87,7 @@ def _figure(value) -> str:
 
 
 def table(result: dict) -> str:
-    """The README's table: each figure beside the paper's."""
+    """The table of docs/results.md (CIFAR-10): each figure beside the paper's."""
     ddpm, bpd = result["ddpm"], result["bits_per_dim"]["bits_per_dim"]
     lines = [
         f"Model: {result['model']}; FID reference: {result['reference']}; {result['device']}.",
@@ -140,10 +141,10 @@ def main(argv=None) -> int:
                           download=args.download)  # fmt: skip
         extractor = features.make_extractor("inception", data, args.inception_weights, args.download)
         if args.reference_stats:
-            reference = evaluation.load_precomputed_stats(args.reference_stats, extractor.dim)
+            reference = metrics.load_precomputed_stats(args.reference_stats, extractor.dim)
             reference_name = args.reference_stats
         else:
-            reference = evaluation.reference_stats(extractor, dataclasses.replace(data, split="train"))
+            reference = metrics.reference_stats(extractor, dataclasses.replace(data, split="train"))
             reference_name = f"{extractor.name} statistics of the cifar10 train split ({reference.num} images)"
         test_images, _ = load_split(dataclasses.replace(data, split="test"))
         pipeline.check_images_fit(pipe, test_images, "cifar10 test")

@@ -26,7 +26,7 @@ from jaxdiff import samplers
 from jaxdiff.models import UNet, UNetConfig, init_params
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
-use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
+use_fast_cpu_convolutions()  # before the first computation: 1.3x faster CPU gradients (docs/benchmarks.md)
 
 MODELS = {
     "digits": (UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(4,), dropout=0.0), 64),

@@ -5,7 +5,7 @@
 For each sampler and each budget of network calls (10, 20, 50, 100, and T: the model's whole chain; a budget over T
 is skipped, and DDPM and DDIM are the only ones run at T), draws ``--num_samples``
 images (seed ``--seed``, the same for every row) and reports the digits Fréchet distance and classifier score
-(``evaluation.sample_quality`` against the training split, as ``sample.py --eval=fid`` does) and the time per image
+(``metrics.sample_quality`` against the training split, as ``sample.py --eval=fid`` does) and the time per image
 after the compile. Heun takes two calls a step (one for the last), so a budget of N calls is (N + 1) // 2 steps. The
 floor (the real test split, as many images) is in the first row. Each sampler runs on its own default grid
 (``samplers.DEFAULT_SPACINGS``).
@@ -23,8 +23,9 @@ import time
 
 import jax
 
-from jaxdiff import evaluation, features, pipeline
+from jaxdiff import metrics, pipeline
 from jaxdiff.data import load_split
+from jaxdiff.metrics import features
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation, as sample.py
@@ -58,9 +59,9 @@ def main() -> None:
 
     pipe = pipeline.from_workdir(args.workdir)
     extractor = features.make_extractor("digits", pipe.data)
-    reference = evaluation.reference_stats(extractor, pipe.data)
+    reference = metrics.reference_stats(extractor, pipe.data)
     test_images, _ = load_split(dataclasses.replace(pipe.data, split=pipe.data.eval_split))
-    floor = evaluation.sample_quality(extractor, test_images[: args.num_samples], reference)
+    floor = metrics.sample_quality(extractor, test_images[: args.num_samples], reference)
     rows = [{"sampler": "real test digits (floor)", "calls": 0, "fd": floor["fid"], "score": floor["score"]}]
     print(f"{'sampler':>10s} {'calls':>6s} {'steps':>6s} {'FD':>7s} {'score':>6s} {'ms/image':>9s}", flush=True)
     print(f"{'floor':>10s} {'':>6s} {'':>6s} {floor['fid']:7.2f} {floor['score']:6.2f}", flush=True)
@@ -76,7 +77,7 @@ def main() -> None:
         start = time.perf_counter()
         images = pipeline.generate(pipe, run, args.num_samples, batch, seed=args.seed)
         seconds = time.perf_counter() - start
-        quality = evaluation.sample_quality(extractor, images, reference)
+        quality = metrics.sample_quality(extractor, images, reference)
         used = 2 * steps - 1 if sampler == "heun" else steps
         row = dict(sampler=sampler, calls=used, steps=steps, fd=quality["fid"], score=quality["score"])
         row["ms_per_image"] = 1000 * seconds / args.num_samples

@@ -22,7 +22,7 @@ import time
 
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
-use_fast_cpu_convolutions()  # before the first computation: 1.7x faster CPU training (benchmarks/README.md)
+use_fast_cpu_convolutions()  # before the first computation: 1.3x faster CPU gradients (docs/benchmarks.md)
 
 
 def diffusers_model(model_cfg, seed=0):
@@ -170,7 +170,7 @@ def memory_figures():
     import jax.numpy as jnp
 
     from jaxdiff import pipeline, training
-    from jaxdiff.models import UNetConfig, make_apply
+    from jaxdiff.models.unet import UNetConfig, abstract_params, make_apply
     from jaxdiff.schedules import make_schedule
 
     out = {}
@@ -178,7 +178,7 @@ def memory_figures():
         cfg = UNetConfig(remat=remat)
         opt = training.OptimConfig()
         optimizer = training.make_optimizer(opt)
-        params = pipeline.abstract_params(cfg)
+        params = abstract_params(cfg)
         state = jax.eval_shape(lambda p, o=optimizer: training.init_train_state(p, o, 1000), params)
         batch = {
             "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),

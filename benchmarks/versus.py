@@ -217,8 +217,8 @@ def _fid_weights() -> pathlib.Path:
 def _jax_fid(batch: int):
     import numpy as np
 
-    from jaxdiff import features
-    from jaxdiff.models.inception import load_inception
+    from jaxdiff.metrics import features
+    from jaxdiff.metrics.inception import load_inception
 
     extractor = features.InceptionFeatures(load_inception(_fid_weights()), batch_size=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)

@@ -84,7 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Autoguidance w (Karras et al. 2024): the model guided away from its own EMA at step guide_step (kept for good)
     c.sampling.autoguidance = 0.0
     c.sampling.guide_step = ml_collections.config_dict.placeholder(int)
-    c.sampling.autoguided_samplers = ("ddim", "dpm++2m", "dpm++3m", "heun")  # not ancestral DDPM (see experiment.py)
+    # The deterministic samplers; not ancestral DDPM (see experiment.py).
+    c.sampling.autoguided_samplers = ("ddim", "dpm++2m", "dpm++3m", "dpm++3m-ref", "heun")
 
     # FID on EMA samples during training, against the cached statistics of the training split (logged as eval/fid and
     # eval/score). Off by default: 50,000 samples of a CIFAR-10 model take hours on one accelerator.

@@ -1,6 +1,6 @@
 """The CPU default: scikit-learn's 8x8 digits (built offline), a small UNet that trains on 2 cores in minutes.
 
-Chosen by measurement (issue #15; the table of what was tried is in benchmarks/README.md): against DDPM's CIFAR-10
+Chosen by measurement (issue #15; the table of what was tried is in docs/results.md): against DDPM's CIFAR-10
 recipe scaled down (linear betas, T = 1000, eps prediction, 32 GroupNorm groups, 1,500 steps of 64), the cosine
 schedule over T = 250 steps, 8 GroupNorm groups (with 32, each group of the first level held one channel), v
 prediction, no attention, and 3,000 steps of 32 (the same images seen, twice the updates). At 297 samples the digits
@@ -9,10 +9,10 @@ from 8.39 to 8.86 and from 8.67 to 9.28 (the floor, real test digits: 12.67 and 
 5 min 41 s to about 4 minutes (the former: one training seed; the new: the mean of three). The former default is
 configs/digits_ddpm.py.
 
-DDIM's score stayed below 9.2 whatever training changed. Autoguidance did it (2026-11-30, three training seeds, README):
-DDIM-50 guided by the run's own EMA at step 1,000 (w = 1.5) scores 9.28 at 297 samples and 9.41 at 900 (8.87 and 8.98
-unguided) at 0.86x and 0.51x the floor's distance. Ancestral DDPM stays unguided: guiding it moved its samples away
-from the data (1.38x the floor at 297 on one seed).
+DDIM's score stayed below 9.2 whatever training changed. Autoguidance did it (2026-11-30, three training seeds,
+docs/results.md): DDIM-50 guided by the run's own EMA at step 1,000 (w = 1.5) scores 9.28 at 297 samples and 9.41 at
+900 (8.87 and 8.98 unguided) at 0.86x and 0.51x the floor's distance. Ancestral DDPM stays unguided: guiding it moved
+its samples away from the data (1.38x the floor at 297 on one seed).
 """
 
 from configs import default

@@ -1,6 +1,6 @@
 """The digits default before issue #15: DDPM's CIFAR-10 recipe scaled down to 8x8 digits (linear betas, T = 1000,
 eps prediction, 32 GroupNorm groups, attention at 4x4, 1,500 steps of 64). Kept so that the figures measured on it
-(README: the variational bound and the ODE likelihood of the digits test split) can be reproduced:
+(docs/results.md: the variational bound and the ODE likelihood of the digits test split) can be reproduced:
 
     python train.py --config=configs/digits_ddpm.py --workdir=runs/digits_ddpm      # ~5 min 40 s on 2 CPU cores
 """

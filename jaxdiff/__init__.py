@@ -1,23 +1,26 @@
 """jaxdiff: denoising diffusion probabilistic models in JAX, as pure functions and a Flax UNet.
 
-``import jaxdiff`` loads the pure math only (schedules, the diffusion, the samplers): no Flax, no TensorFlow. The
+``import jaxdiff`` loads the pure math only (:mod:`~jaxdiff.schedules`, :mod:`~jaxdiff.diffusion`,
+:mod:`~jaxdiff.losses`, :mod:`~jaxdiff.bound`; :mod:`jaxdiff.samplers` on import): no Flax, no TensorFlow. The
 network and the Pipeline are re-exported lazily: ``jaxdiff.UNet`` or ``jaxdiff.Pipeline`` imports them on first use.
 """
 
 import importlib
 
-from jaxdiff.diffusion import (
+from jaxdiff.bound import (
     DECODERS,
-    LOSS_TYPES,
-    PREDICTIONS,
-    VARIANCES,
-    WEIGHTINGS,
-    PMeanVariance,
     VariationalBound,
-    diffusion_loss,
     discretized_gaussian_log_likelihood,
     gaussian_log_likelihood,
     normal_kl,
+    prior_bpd,
+    variational_bound,
+    vb_term_bpd,
+)
+from jaxdiff.diffusion import (
+    PREDICTIONS,
+    VARIANCES,
+    PMeanVariance,
     p_mean_variance,
     posterior_mean_from_eps,
     predict_eps_from_v,
@@ -26,21 +29,17 @@ from jaxdiff.diffusion import (
     predict_x0_from_v,
     prediction_target,
     predictions_from_output,
-    prior_bpd,
     q_mean_variance,
     q_posterior_mean_variance,
     q_sample,
     q_step_mean_variance,
-    snr_weight,
-    training_losses,
     v_from_x0_eps,
-    variational_bound,
-    vb_term_bpd,
     x0_and_eps,
 )
+from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS, diffusion_loss, snr_weight, training_losses
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Names that need Flax (the network) or the layers above the math (the Pipeline), imported on first use.
 _LAZY = {
@@ -48,7 +47,8 @@ _LAZY = {
     "UNetConfig": "jaxdiff.models",
     "init_params": "jaxdiff.models",
     "load_diffusers_unet": "jaxdiff.models",
-    "DiffusionConfig": "jaxdiff.pipeline",
+    "DiffusionConfig": "jaxdiff.spec",
+    "ModelSpec": "jaxdiff.spec",
     "Pipeline": "jaxdiff.pipeline",
 }
 
@@ -67,6 +67,7 @@ __all__ = [
     "VARIANCES",
     "WEIGHTINGS",
     "DiffusionConfig",
+    "ModelSpec",
     "PMeanVariance",
     "Pipeline",
     "Schedule",

@@ -27,12 +27,30 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxdiff import checkpoints, evaluation, features, flops, parallel, pipeline
-from jaxdiff.data import DataConfig
+from jaxdiff import checkpoints, evaluation, flops, parallel, pipeline
+from jaxdiff.data.config import DataConfig
 from jaxdiff.images import save_grid
 from jaxdiff.logs import Progress, is_main_process, log
+from jaxdiff.metrics import features
+from jaxdiff.metrics.fid import sample_quality
+from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training import TrainState
+
+__all__ = [
+    "Actions",
+    "Autoguide",
+    "Checkpointer",
+    "FiniteGuard",
+    "NonFiniteLossError",
+    "Periodic",
+    "Report",
+    "evaluate_bound",
+    "every",
+    "fid_action",
+    "make_fid",
+    "sample_grid",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,19 +279,19 @@ def make_fid(
     extractor = features.make_extractor(
         settings.features, train, settings.inception_weights, batch_size=settings.fid_batch_size, mesh=mesh
     )
-    reference = evaluation.reference_stats(extractor, train, log=log)
+    reference = reference_stats(extractor, train, log=log)
     make_run = lambda p: pipeline.make_sampler(p, settings.sampler, settings.steps or None, mesh=mesh)
     choose = _unguided(pipe, make_run) if autoguide is None else autoguide.sampling(pipe, make_run)
     batch = parallel.round_up_batch(min(settings.fid_batch_size, settings.fid_num_samples), mesh)
     labels = pipeline.labels_for(settings.fid_num_samples, pipe.num_classes, None)  # the classes in turn
     per_class = None
     if labels is not None and extractor.classifies:
-        per_class = evaluation.class_reference_stats(extractor, train, log=log)
+        per_class = class_reference_stats(extractor, train, log=log)
 
     def fid(params, seed: int, step: int = 0) -> dict:
         sampled, run, note = choose(step, params)
         images = pipeline.generate(sampled, run, settings.fid_num_samples, batch, seed=seed)
-        quality = evaluation.sample_quality(extractor, images, reference, labels=labels, class_reference=per_class)
+        quality = sample_quality(extractor, images, reference, labels=labels, class_reference=per_class)
         return {**quality, "features": extractor.name, "note": note}
 
     return fid

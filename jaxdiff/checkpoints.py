@@ -2,7 +2,7 @@
 
 Each step's checkpoint holds four items: ``state`` (the TrainState, StandardSave/StandardRestore onto the target's
 shardings), ``config`` (the run's config as JSON, for people and tools), ``spec`` (what the trained network is, as
-JSON: :class:`jaxdiff.pipeline.ModelSpec`), so a workdir alone is enough to sample (:func:`load_for_sampling`), and
+JSON: :class:`jaxdiff.spec.ModelSpec`), so a workdir alone is enough to sample (:func:`load_for_sampling`), and
 ``fingerprint`` (a checksum of each array of the state: :func:`fingerprint`). This module knows nothing of the
 network: the caller says what the parameters look like.
 
@@ -39,12 +39,35 @@ from orbax.checkpoint import checkpoint_managers as preservation
 
 from jaxdiff.parallel import make_mesh, process_verdicts, replicated, to_host
 
+__all__ = [
+    "ITEMS",
+    "LEGACY_ITEMS",
+    "UNREADABLE",
+    "PreemptionWatch",
+    "SamplingCheckpoint",
+    "abstract",
+    "check_restored",
+    "checkpoint_dir",
+    "fingerprint",
+    "load_for_sampling",
+    "manager",
+    "reader",
+    "restore_config",
+    "restore_latest",
+    "save",
+    "set_aside",
+    "wait",
+]
+
+#: The items of a run's checkpoint: the train state, the run's config, the model spec, the arrays' fingerprint.
 ITEMS = ("state", "config", "spec", "fingerprint")
-LEGACY_ITEMS = ("model",)  # jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
+LEGACY_ITEMS = ("model",)  #: jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
+#: The folder beside ``checkpoints`` that unreadable checkpoints are moved into (never deleted).
 UNREADABLE = "checkpoints_unreadable"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Where a run keeps its checkpoints: ``<workdir>/checkpoints``, as an absolute path (Orbax needs one)."""
     return pathlib.Path(workdir).absolute() / "checkpoints"
 
 

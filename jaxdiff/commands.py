@@ -3,7 +3,7 @@
 :func:`sample` takes a typed :class:`SampleRequest` (``sample.py``'s flags, one field each), builds the
 :class:`~jaxdiff.pipeline.Pipeline` from a workdir or a diffusers model, checks the request before anything
 compiles, then draws (:func:`jaxdiff.pipeline.generate`), evaluates the bound over a split
-(:func:`jaxdiff.evaluation.bound_over_split`) or judges samples (:func:`jaxdiff.evaluation.sample_quality`).
+(:func:`jaxdiff.evaluation.bound_over_split`) or judges samples (:func:`jaxdiff.metrics.fid.sample_quality`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,43 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import evaluation, features, images, parallel, pipeline
-from jaxdiff.data import DataConfig, load_split
+from jaxdiff import evaluation, images, parallel, pipeline
+from jaxdiff.data.config import DataConfig
+from jaxdiff.data.readers import load_split
 from jaxdiff.logs import Progress, is_main_process, log
+from jaxdiff.metrics import features
+from jaxdiff.metrics.fid import load_precomputed_stats, sample_quality
+from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 
-BOUND_EVALS = ("bpd", "ode_bpd")  # the network's own likelihood: never guided
+__all__ = [
+    "BOUND_EVALS",
+    "EVALS",
+    "EVAL_BATCH",
+    "SAMPLE_PIXELS",
+    "SampleRequest",
+    "batch_for",
+    "data_for",
+    "draw",
+    "evaluate_bpd",
+    "evaluate_ode_bpd",
+    "fid_reference",
+    "load_samples",
+    "report_fid",
+    "sample",
+]
+
+BOUND_EVALS = ("bpd", "ode_bpd")  #: the network's own likelihood: never guided
+#: What ``sample.py --eval`` computes: the bound's bits/dim, the ODE's bits/dim, or FID.
 EVALS = (*BOUND_EVALS, "fid")
-EVAL_BATCH = 64  # images per batch of --eval=bpd/ode_bpd unless --batch_size says otherwise
-SAMPLE_PIXELS = 2**18  # the default drawing batch holds about this many pixel values (batch_for)
+EVAL_BATCH = 64  #: images per batch of --eval=bpd/ode_bpd unless --batch_size says otherwise
+SAMPLE_PIXELS = 2**18  #: the default drawing batch holds about this many pixel values (batch_for)
 
 
 def batch_for(image_shape: tuple[int, int, int]) -> int:
     """The default drawing batch: as many images as hold ~2^18 values (4096 8x8 digits, 85 CIFAR-10 images, 1 at
     256x256). Small images go in few large batches (900 digits in one: 1.24x the images/s of batch 64 on a 2-core CPU,
-    README), large ones are big enough per image, and the batch stays within a CPU's memory."""
+    docs/benchmarks.md), large ones are big enough per image, and the batch stays within a CPU's memory."""
     return max(1, SAMPLE_PIXELS // math.prod(image_shape))
 
 
@@ -293,13 +315,13 @@ def fid_reference(pipe: Pipeline, request: SampleRequest):
         request.features, data, request.inception_weights, request.download, request.resize, request.batch_size or 100
     )
     if precomputed:
-        stats = evaluation.load_precomputed_stats(request.reference_stats, extractor.dim)
+        stats = load_precomputed_stats(request.reference_stats, extractor.dim)
         return extractor, stats, request.reference_stats, None
     per_class = None
     if pipe.num_classes is not None and extractor.classifies and request.samples is None:
-        per_class = evaluation.class_reference_stats(extractor, data, log=log)
+        per_class = class_reference_stats(extractor, data, log=log)
     name = f"{extractor.name} statistics of the {data.split} split"
-    return extractor, evaluation.reference_stats(extractor, data, log=log), name, per_class
+    return extractor, reference_stats(extractor, data, log=log), name, per_class
 
 
 def load_samples(path: str | os.PathLike) -> np.ndarray:
@@ -320,7 +342,7 @@ def report_fid(
     """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``,
     with which reference statistics were used; for class-conditional samples (``labels``) also the conditional
     accuracy and the distance per class."""
-    result = evaluation.sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
+    result = sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
     result.update(features=extractor.name, reference=reference_name, reference_num=reference.num)
     if is_main_process():
         path = out / "fid.json"

@@ -1,4 +1,25 @@
-"""The DDPM forward process, its posterior, the reverse model's Gaussians, the losses and the variational bound.
+r"""The DDPM forward process, its posterior, the eps/x0/v parametrisations, and the reverse model's Gaussians.
+
+The forward process adds Gaussian noise step by step (alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s):
+
+.. math::
+
+    q(x_t | x_{t-1}) = \mathcal{N}(\sqrt{\alpha_t}\, x_{t-1}, \beta_t I), \qquad
+    q(x_t | x_0) = \mathcal{N}(\sqrt{\bar\alpha_t}\, x_0, (1 - \bar\alpha_t) I),
+
+and its posterior, given x_0, is Gaussian too:
+
+.. math::
+
+    q(x_{t-1} | x_t, x_0) = \mathcal{N}(\tilde\mu_t, \tilde\beta_t I), \quad
+    \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t, \quad
+    \tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\, \beta_t}{1 - \bar\alpha_t} x_0
+      + \frac{\sqrt{\alpha_t} (1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t} x_t
+      = \frac{1}{\sqrt{\alpha_t}} \Big(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}} \epsilon\Big).
+
+The network's output is read as eps, x_0 or v (:func:`x0_and_eps`), and :func:`p_mean_variance` turns it into the
+reverse model's Gaussian p(x_{t-1} | x_t). The losses live in :mod:`jaxdiff.losses`, the variational bound in
+:mod:`jaxdiff.bound`.
 
 Every function here is pure: arrays in, arrays out, no randomness hidden inside (noise and keys are arguments), no
 Flax. Images have any shape ``[B, ...]`` with channels last; ``t`` is an int array of shape ``[B]`` of 0-indexed
@@ -10,25 +31,63 @@ All functions work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import log_ndtr
 
 from jaxdiff.schedules import Schedule
 
+#: A JAX array.
 Array = jax.Array
+#: A network as the math sees it: ``model_fn(x_t [B, ...], timesteps [B]) -> output``.
 ModelFn = Callable[[Array, Array], Array]
 
+#: What the network predicts: the noise eps, the data x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0.
 PREDICTIONS = ("eps", "x0", "v")
+#: The reverse process's variance: beta~_t (fixed_small), beta_t (fixed_large), or learned (log or interpolated).
 VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")
+#: The variances the network outputs (a second half of its channels).
 LEARNED_VARIANCES = ("learned", "learned_range")
-LOSS_TYPES = ("simple", "bound", "hybrid")
-WEIGHTINGS = ("none", "min_snr")
-DECODERS = ("discretized", "gaussian")
+
+__all__ = [
+    "LEARNED_VARIANCES",
+    "PREDICTIONS",
+    "VARIANCES",
+    "Array",
+    "ModelFn",
+    "PMeanVariance",
+    "check_choice",
+    "extract",
+    "fold_keys",
+    "key_per_example",
+    "mean_flat",
+    "normal_noise",
+    "p_mean_variance",
+    "posterior_mean_from_eps",
+    "predict_eps_from_v",
+    "predict_eps_from_x0",
+    "predict_x0_from_eps",
+    "predict_x0_from_v",
+    "prediction_target",
+    "predictions_from_output",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "q_step_mean_variance",
+    "split_model_output",
+    "v_from_x0_eps",
+    "x0_and_eps",
+    "x0_and_eps_at",
+]
+
+
+def __getattr__(name: str):
+    # The losses and the bound moved to jaxdiff.losses and jaxdiff.bound (0.2); their old paths keep working.
+    from jaxdiff._moved import moved
+
+    return moved(__name__, name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,278 +401,3 @@ def p_mean_variance(
         )
         var = jnp.exp(log_var)
     return PMeanVariance(mean, var, log_var, pred_x0, pred_eps)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Log-likelihood pieces
-
-
-def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
-    r"""Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats; arguments broadcast.
-
-    .. math::
-      \tfrac12\left(\log\sigma_2^2 - \log\sigma_1^2 + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\right)
-    """
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def _log_sub_exp(log_a: Array, log_b: Array) -> Array:
-    """log(exp(log_a) - exp(log_b)) for log_a >= log_b, accurate when the two are close or both tiny."""
-    return log_a + jnp.log(jnp.maximum(-jnp.expm1(log_b - log_a), 1e-30))
-
-
-def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array, num_bins: int = 256) -> Array:
-    """Elementwise log-probability of discretised data under a Gaussian, in nats (the DDPM decoder).
-
-    The data ``x`` lie on ``num_bins`` evenly spaced levels in [-1, 1] (8-bit images: 256). Each level owns the bin of
-    half-width 1 / (num_bins - 1) around it; the two edge bins extend to -inf and +inf, so the probabilities of all
-    levels sum to 1. Bin masses are formed in log space from the nearer tail, so they stay accurate far from the mean.
-
-    Args:
-      x: data, ``[B, ...]``, values on the levels.
-      mean: the Gaussian's mean, broadcastable to x.
-      log_scale: the log standard deviation (0.5 * log-variance), broadcastable to x.
-    """
-    delta = 1.0 / (num_bins - 1)
-    centered = x - mean
-    inv_std = jnp.exp(-log_scale)
-    upper = inv_std * (centered + delta)
-    lower = inv_std * (centered - delta)
-    log_cdf_upper = log_ndtr(upper)  # log P(X <= x + delta): the whole lowest bin
-    log_sf_lower = log_ndtr(-lower)  # log P(X > x - delta): the whole highest bin
-    # Middle bins: Phi(upper) - Phi(lower), taken on the side of the mean where both CDF values are small.
-    right = centered > 0
-    log_a = jnp.where(right, log_ndtr(-lower), log_ndtr(upper))
-    log_b = jnp.where(right, log_ndtr(-upper), log_ndtr(lower))
-    log_mid = _log_sub_exp(log_a, log_b)
-    edge = 1.0 - delta / 2
-    return jnp.where(x < -edge, log_cdf_upper, jnp.where(x > edge, log_sf_lower, log_mid))
-
-
-def gaussian_log_likelihood(x: Array, mean: Array, log_variance: Array) -> Array:
-    """Elementwise log N(x; mean, exp(log_variance)) in nats (a continuous decoder, for continuous data)."""
-    return -0.5 * (math.log(2 * math.pi) + log_variance + jnp.square(x - mean) * jnp.exp(-log_variance))
-
-
-def _nats_to_bits_per_dim(elementwise_nats: Array) -> Array:
-    return mean_flat(elementwise_nats) / math.log(2.0)
-
-
-def prior_bpd(schedule: Schedule, x0: Array) -> Array:
-    """The prior matching term L_T = KL(q(x_T | x_0) || N(0, I)), in bits/dim, shape ``[B]``."""
-    t_last = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, dtype=jnp.int32)
-    mean, _, log_var = q_mean_variance(schedule, x0, t_last)
-    return _nats_to_bits_per_dim(normal_kl(mean, log_var, 0.0, 0.0))
-
-
-def vb_term_bpd(
-    schedule: Schedule,
-    model_output: Array,
-    x0: Array,
-    x_t: Array,
-    t: Array,
-    *,
-    prediction: str = "eps",
-    variance: str = "fixed_small",
-    clip_x0: bool = False,
-    decoder: str = "discretized",
-) -> Array:
-    """One term of the variational bound, in bits/dim, shape ``[B]``.
-
-    For t > 1 (index > 0) the denoising matching term L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t));
-    at t = 1 (index 0) the reconstruction term L_0 = -log p_theta(x_0 | x_1), with the discretised 8-bit decoder (or a
-    continuous Gaussian one with ``decoder='gaussian'``).
-    """
-    check_choice("decoder", decoder, DECODERS)
-    _check_same_shape(x0=x0, x_t=x_t)
-    true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
-    p = p_mean_variance(schedule, model_output, x_t, t, prediction=prediction, variance=variance, clip_x0=clip_x0)
-    kl = normal_kl(true_mean, true_log_var, p.mean, p.log_variance)
-    if decoder == "discretized":
-        nll = -discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)
-    else:
-        nll = -gaussian_log_likelihood(x0, p.mean, p.log_variance)
-    kl, nll = jnp.broadcast_to(kl, x0.shape), jnp.broadcast_to(nll, x0.shape)
-    return jnp.where(t == 0, _nats_to_bits_per_dim(nll), _nats_to_bits_per_dim(kl))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Training losses
-
-
-def snr_weight(schedule: Schedule, t: Array, prediction: str, gamma: float) -> Array:
-    """Min-SNR-gamma weights (Hang et al. 2023) of the simple loss, ``[B]``.
-
-    The weight makes each prediction's loss equal min(SNR_t, gamma) times the x0 error:
-    eps: min(SNR, gamma) / SNR; x0: min(SNR, gamma); v: min(SNR, gamma) / (SNR + 1).
-    """
-    check_choice("prediction", prediction, PREDICTIONS)
-    snr = jnp.take(schedule.snr, t)
-    clipped = jnp.minimum(snr, gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr + 1.0)
-
-
-def check_objective(loss_type: str, prediction: str, variance: str, weighting: str = "none") -> None:
-    """Raise a ValueError for an unknown or meaningless combination of training objective settings."""
-    check_choice("loss type", loss_type, LOSS_TYPES)
-    check_choice("prediction", prediction, PREDICTIONS)
-    check_choice("variance", variance, VARIANCES)
-    check_choice("weighting", weighting, WEIGHTINGS)
-    if loss_type == "simple" and variance in LEARNED_VARIANCES:
-        raise ValueError(
-            f"variance {variance!r} is learned only through the bound: use loss_type 'hybrid' or "
-            "'bound', or a fixed variance ('fixed_small', 'fixed_large')."
-        )
-    if loss_type == "hybrid" and variance not in LEARNED_VARIANCES:
-        raise ValueError(
-            "loss_type 'hybrid' trains the variance through the bound, so it needs variance 'learned' "
-            f"or 'learned_range' (got {variance!r}); with a fixed variance use 'simple' or 'bound'."
-        )
-
-
-def training_losses(
-    schedule: Schedule,
-    model_output: Array,
-    x0: Array,
-    x_t: Array,
-    t: Array,
-    noise: Array,
-    *,
-    loss_type: str = "simple",
-    prediction: str = "eps",
-    variance: str = "fixed_small",
-    weighting: str = "none",
-    snr_gamma: float = 5.0,
-    vb_weight: float = 0.001,
-) -> Array:
-    """The per-example training loss ``[B]`` for a network output at (x_t, t), where x_t = q_sample(x0, t, noise).
-
-    Loss types:
-      ``simple``: L_simple = mean over dims of ||target - prediction||^2 (DDPM eq. 14), target by ``prediction``,
-        optionally min-SNR weighted (``weighting='min_snr'``, gamma ``snr_gamma``).
-      ``bound``: T * L_{t-1} in bits/dim: with t uniform, its mean is the bound without the prior term.
-      ``hybrid``: simple + vb_weight * T * L_{t-1}, the bound's mean under stop-gradient so that it trains only the
-        variance (improved DDPM; vb_weight = lambda = 0.001).
-    """
-    check_objective(loss_type, prediction, variance, weighting)
-    pred, var_out = split_model_output(model_output, x0, variance)
-    loss = jnp.zeros((x0.shape[0],), jnp.float32)
-    if loss_type in ("simple", "hybrid"):
-        target = prediction_target(schedule, x0, noise, t, prediction)
-        mse = mean_flat(jnp.square(target - pred))
-        if weighting == "min_snr":
-            mse = mse * snr_weight(schedule, t, prediction, snr_gamma)
-        loss = loss + mse
-    if loss_type in ("bound", "hybrid"):
-        if loss_type == "hybrid":
-            model_output = jnp.concatenate([jax.lax.stop_gradient(pred), var_out], axis=-1)
-        vb = vb_term_bpd(schedule, model_output, x0, x_t, t, prediction=prediction, variance=variance)
-        loss = loss + (vb_weight if loss_type == "hybrid" else 1.0) * schedule.num_timesteps * vb
-    return loss
-
-
-def diffusion_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, t: Array, noise: Array, **loss_kwargs) -> Array:
-    """Noise x0 to x_t, run ``model_fn(x_t, timestep_map[t])``, and return :func:`training_losses` ``[B]``."""
-    x_t = q_sample(schedule, x0, t, noise)
-    model_output = model_fn(x_t, jnp.take(schedule.timestep_map, t))
-    return training_losses(schedule, model_output, x0, x_t, t, noise, **loss_kwargs)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The whole variational bound
-
-
-class VariationalBound(NamedTuple):
-    """The bound -log p(x_0) <= L_T + sum_{t>=2} L_{t-1} + L_0, per example, in bits per dimension.
-
-    Attributes:
-      total: ``[B]`` the whole bound.
-      prior: ``[B]`` L_T, prior matching.
-      denoising: ``[B]`` sum_{t=2..T} L_{t-1}, denoising matching.
-      reconstruction: ``[B]`` L_0 = -log p(x_0 | x_1).
-      per_timestep: ``[B, T]`` column 0 is L_0, column i is L_i (the KL at the paper's t = i + 1).
-    """
-
-    total: Array
-    prior: Array
-    denoising: Array
-    reconstruction: Array
-    per_timestep: Array
-
-    def to_nats(self, num_dims: int) -> VariationalBound:
-        """The same terms in nats per example (bits/dim times num_dims * ln 2); num_dims = prod(x0.shape[1:])."""
-        return VariationalBound(*(x * (num_dims * math.log(2.0)) for x in self))
-
-
-def variational_bound(
-    schedule: Schedule,
-    model_fn: ModelFn,
-    x0: Array,
-    key: Array,
-    *,
-    prediction: str = "eps",
-    variance: str = "fixed_small",
-    clip_x0: bool = False,
-    decoder: str = "discretized",
-    chunk_size: int = 16,
-) -> VariationalBound:
-    """Every term of the variational bound for a batch, over all T timesteps, in one compiled program.
-
-    Timesteps are processed ``chunk_size`` at a time (``lax.map`` over chunks, the network called on ``B * chunk_size``
-    images at once, example-major: row ``b * chunk_size + j`` is example b at the chunk's j-th timestep, so that a batch
-    split over devices stays split and each device runs only its own examples), so memory is bounded by the chunk and
-    the program does not grow with T. The noise of timestep t
-    is ``normal(fold_in(key, t))``, so the result does not depend on ``chunk_size``. With one key per example
-    (``key`` of shape ``[B]``), example b's noise is ``normal(fold_in(key[b], t))``: then the result of an example
-    does not depend on which batch it is in either (what an evaluation over a whole split needs).
-
-    Args:
-      model_fn: ``model_fn(x_t, timesteps) -> output`` on batches of ``B * chunk_size``, example-major (a conditional
-        network repeats each label ``chunk_size`` times: ``jnp.repeat(labels, chunk_size)``).
-      x0: data in [-1, 1], ``[B, ...]`` (on the 256 levels for the discretised decoder).
-      key: PRNG key of the noise, or ``[B]`` keys, one per example.
-      decoder: ``discretized`` (8-bit data, DDPM) or ``gaussian`` (continuous data).
-
-    Returns:
-      VariationalBound in bits/dim (``.to_nats(num_dims)`` converts).
-    """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    check_choice("decoder", decoder, DECODERS)
-    T, B = schedule.num_timesteps, x0.shape[0]
-    if key_per_example(key) and key.shape[0] != B:
-        raise ValueError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
-    chunk = min(chunk_size, T)
-    num_chunks = -(-T // chunk)
-    x0_rep = jnp.repeat(x0, chunk, axis=0)  # [B * chunk, ...], example-major
-
-    def chunk_terms(ts: Array) -> Array:  # [chunk] -> [B, chunk]
-        ts = jnp.minimum(ts, T - 1)  # the padding of the last chunk repeats T - 1; discarded below
-        noise = jax.vmap(lambda s: normal_noise(fold_keys(key, s), x0.shape, x0.dtype))(ts)  # [chunk, B, ...]
-        noise = jnp.swapaxes(noise, 0, 1)
-        t_flat = jnp.tile(ts, B)
-        x_t = q_sample(schedule, x0_rep, t_flat, noise.reshape(x0_rep.shape))
-        out = model_fn(x_t, jnp.take(schedule.timestep_map, t_flat))
-        terms = vb_term_bpd(
-            schedule,
-            out,
-            x0_rep,
-            x_t,
-            t_flat,
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
-            decoder=decoder,
-        )
-        return terms.reshape(B, chunk)
-
-    steps = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
-    per_t = jnp.moveaxis(jax.lax.map(chunk_terms, steps), 0, 1).reshape(B, num_chunks * chunk)[:, :T]
-    prior = prior_bpd(schedule, x0)
-    reconstruction = per_t[:, 0]
-    denoising = jnp.sum(per_t[:, 1:], axis=1)
-    return VariationalBound(prior + reconstruction + denoising, prior, denoising, reconstruction, per_t)

@@ -22,10 +22,13 @@ import numpy as np
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jaxdiff import actions, checkpoints, diffusion, flops, logs, parallel, pipeline, samplers
-from jaxdiff.data import DataConfig, InMemory, Streamed, make_batches, num_classes, open_split
+from jaxdiff.data.batches import make_batches
+from jaxdiff.data.config import DataConfig
+from jaxdiff.data.prepare import num_classes
+from jaxdiff.data.readers import InMemory, Streamed, open_split
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
-from jaxdiff.pipeline import DiffusionConfig, ModelSpec
+from jaxdiff.spec import DiffusionConfig, ModelSpec
 from jaxdiff.training import (
     OptimConfig,
     TrainState,
@@ -36,9 +39,20 @@ from jaxdiff.training import (
     shard_train_step,
 )
 
-# UNetConfig's fields that a run derives (from the data and the diffusion) instead of reading from config.model.
+__all__ = [
+    "DERIVED_NETWORK_FIELDS",
+    "DERIVED_OPTIM_FIELDS",
+    "EvaluationConfig",
+    "RunConfig",
+    "SamplingConfig",
+    "TrainingConfig",
+    "run_config",
+    "train_and_evaluate",
+]
+
+#: UNetConfig's fields that a run derives (from the data and the diffusion) instead of reading from config.model.
 DERIVED_NETWORK_FIELDS = ("image_size", "in_channels", "learn_sigma", "num_classes")
-# OptimConfig's fields that a run derives: the schedule's length is config.training.num_steps.
+#: OptimConfig's fields that a run derives: the schedule's length is config.training.num_steps.
 DERIVED_OPTIM_FIELDS = ("total_steps",)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __all__ = ["PEAKS", "flops_of", "peak_flops", "utilisation"]
 
-# Peak dense FLOP/s of one JAX device, (bfloat16, float32), by a fragment of ``device_kind`` (lower case); the longest
-# matching fragment wins. A TPU v2/v3 chip is two JAX devices (half a chip's peak each); v4 and later one per chip.
+#: Peak dense FLOP/s of one JAX device, (bfloat16, float32), by a fragment of ``device_kind`` (lower case); the longest
+#: matching fragment wins. A TPU v2/v3 chip is two JAX devices (half a chip's peak each); v4 and later one per chip.
 PEAKS = {
     "h200": (989e12, 494e12),  # H200 SXM: as H100 SXM
     "h100": (989e12, 494e12),  # H100 SXM

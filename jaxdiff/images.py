@@ -13,6 +13,17 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "MASKS",
+    "from_uint8",
+    "load_mask",
+    "make_grid",
+    "named_mask",
+    "save_grid",
+    "to_uint8",
+    "write_samples",
+]
+
 
 def from_uint8(images):
     """uint8 ``[..., C]`` in [0, 255] -> float32 in [-1, 1]: ``x / 127.5 - 1`` (numpy in, numpy out; jax likewise)."""
@@ -74,6 +85,7 @@ def write_samples(images: np.ndarray, out: str | os.PathLike, individual: bool =
     return paths
 
 
+#: The inpainting masks :func:`named_mask` makes by name (1 = filled in).
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
 
 

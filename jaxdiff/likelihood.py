@@ -1,6 +1,6 @@
 """The exact likelihood of a trained model through the probability-flow ODE (Song et al. 2021, section 4.3).
 
-The variational bound (:func:`jaxdiff.diffusion.variational_bound`) is an upper bound on -log p; the ODE gives the
+The variational bound (:func:`jaxdiff.bound.variational_bound`) is an upper bound on -log p; the ODE gives the
 log-density of the continuous-time flow itself. Pure functions of any ``model_fn(x_t, timesteps)``; the adaptive solver
 is diffrax's (Dormand-Prince 5(4) with a PID step controller, as score_sde's RK45).
 
@@ -33,8 +33,18 @@ from jaxdiff.diffusion import ModelFn
 from jaxdiff.samplers import predictions_between_steps
 from jaxdiff.schedules import Schedule, log_sigmas
 
+__all__ = [
+    "DIVERGENCES",
+    "EXACT_UP_TO",
+    "ODELikelihood",
+    "dequantize",
+    "ode_bits_per_dim",
+    "ode_log_likelihood",
+]
+
+#: How the ODE's divergence is computed: exactly (D JVPs), by Hutchinson's estimator, or chosen by size.
 DIVERGENCES = ("exact", "hutchinson", "auto")
-EXACT_UP_TO = 16  # "auto": exact up to this many dimensions. It costs D JVPs per evaluation: 64x for 8x8 digits
+EXACT_UP_TO = 16  #: "auto": exact up to this many dimensions. It costs D JVPs per evaluation: 64x for 8x8 digits
 
 
 class ODELikelihood(NamedTuple):

@@ -17,8 +17,19 @@ import time
 import jax
 import numpy as np
 
+__all__ = [
+    "NoWriter",
+    "Progress",
+    "ScalarWriter",
+    "is_main_process",
+    "log",
+    "metric_writer",
+    "read_metrics",
+]
+
 
 def is_main_process() -> bool:
+    """Whether this is process 0, the one that logs and writes files for all."""
     return jax.process_index() == 0
 
 

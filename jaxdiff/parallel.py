@@ -22,6 +22,23 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+__all__ = [
+    "all_finite",
+    "batch_sharding",
+    "check_batch_size",
+    "example_keys",
+    "global_batch",
+    "jit_batched",
+    "make_mesh",
+    "map_batches",
+    "process_rows",
+    "process_verdicts",
+    "replicate",
+    "replicated",
+    "round_up_batch",
+    "to_host",
+]
+
 
 def make_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all devices of all processes (or ``devices``), axis ``data``."""

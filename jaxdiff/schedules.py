@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: The beta schedules :func:`beta_schedule` makes by name.
 BETA_SCHEDULES = (
     "linear",
     "cosine",
@@ -27,9 +28,31 @@ BETA_SCHEDULES = (
     "warmup50",
 )
 
+#: Step grids spread in t (:func:`space_timesteps`).
 SPACINGS = ("even", "quadratic")
-SNR_SPACINGS = ("logsnr", "karras")  # spacings that need the betas (see snr_spaced_timesteps)
+SNR_SPACINGS = ("logsnr", "karras")  #: spacings that need the betas (see snr_spaced_timesteps)
+#: Karras et al.'s rho of the ``karras`` grid: sigma_i^(1/rho) evenly spaced.
 KARRAS_RHO = 7.0
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "KARRAS_RHO",
+    "SNR_SPACINGS",
+    "SPACINGS",
+    "Schedule",
+    "beta_schedule",
+    "cosine_alpha_bar",
+    "log_sigma_at",
+    "log_sigmas",
+    "make_schedule",
+    "respace",
+    "respaced",
+    "sampling_schedule",
+    "snr_spaced_timesteps",
+    "space_timesteps",
+    "timestep_at",
+    "truncated",
+]
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:
@@ -311,6 +334,36 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
     abar = np.cumprod(1.0 - betas)[kept]
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept)
+
+
+def respaced(betas: np.ndarray, steps: int | None = None, spacing: str = "even") -> Schedule:
+    """The chain of ``betas`` (float64 ``[T]``) respaced to ``steps`` (None or T: all of them), with abar kept at the
+    kept steps. ``spacing``: ``even`` or ``quadratic`` in t (:func:`space_timesteps`), or ``logsnr``
+    or ``karras`` by noise level (:func:`snr_spaced_timesteps`).
+
+    Raises:
+      ValueError: ``steps`` < 1 or > T, or an unknown spacing.
+    """
+    num_timesteps = len(betas)
+    steps = num_timesteps if steps is None else steps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}] (the model's T), got {steps}.")
+    if spacing in SNR_SPACINGS:
+        return respace(betas, snr_spaced_timesteps(betas, steps, spacing))
+    return respace(betas, space_timesteps(num_timesteps, steps, spacing))
+
+
+def sampling_schedule(
+    name: str, num_timesteps: int, steps: int | None = None, spacing: str = "even", **schedule_kwargs
+) -> Schedule:
+    """The schedule to sample from: beta schedule ``name`` of ``num_timesteps`` steps, respaced to ``steps``.
+
+    :func:`respaced` of ``beta_schedule(name, num_timesteps, **schedule_kwargs)``.
+
+    Raises:
+      ValueError: ``steps`` < 1 or > ``num_timesteps``.
+    """
+    return respaced(beta_schedule(name, num_timesteps, **schedule_kwargs), steps, spacing)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

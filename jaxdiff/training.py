@@ -7,7 +7,7 @@ exactly. ``shard_train_step`` compiles it once with the batch split over a ``dat
 and donated.
 
 The network enters as a plain ``apply(params, x_t, t, labels, dropout_key)`` (e.g.
-:func:`jaxdiff.models.unet.make_apply`), and the objective as a :class:`jaxdiff.pipeline.DiffusionConfig`.
+:func:`jaxdiff.models.unet.make_apply`), and the objective as a :class:`jaxdiff.spec.DiffusionConfig`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,27 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff import diffusion, parallel
-from jaxdiff.pipeline import DiffusionConfig
+from jaxdiff.losses import diffusion_loss
 from jaxdiff.schedules import Schedule
+from jaxdiff.spec import DiffusionConfig
 
+__all__ = [
+    "DECAYS",
+    "HISTORY",
+    "OptimConfig",
+    "TrainState",
+    "ema_decay_at",
+    "init_train_state",
+    "learning_rate",
+    "make_optimizer",
+    "make_train_step",
+    "run_keys",
+    "shard_train_step",
+]
+
+#: The learning-rate decays after the warmup.
 DECAYS = ("none", "cosine", "linear")
-HISTORY = 10  # losses kept per timestep for importance sampling (improved DDPM)
+HISTORY = 10  #: losses kept per timestep for importance sampling (improved DDPM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +229,7 @@ def make_train_step(
 
     def loss_fn(params, x0, noise, labels, t, weights, dropout_key):
         model_fn = lambda x_t, timesteps: apply_fn(params, x_t, timesteps, labels, dropout_key)
-        losses = diffusion.diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
+        losses = diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
         return jnp.mean(losses * weights), losses
 
     def gradient(params, inputs, dropout_key):

@@ -8,14 +8,22 @@ come before the first compile.
 import os
 import pathlib
 
+__all__ = [
+    "FAST_CPU_CONVOLUTIONS",
+    "jaxdiff_cache_dir",
+    "use_compilation_cache",
+    "use_fast_cpu_convolutions",
+]
+
+#: The XLA flag that makes CPU convolution gradients faster (:func:`use_fast_cpu_convolutions`).
 FAST_CPU_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
 def use_fast_cpu_convolutions() -> None:
     """Add the CPU convolution flag to ``XLA_FLAGS`` unless the user set that flag already.
 
-    XLA's default YNNPACK fusion of convolutions makes the weight gradients ~1.7x slower on CPUs
-    (benchmarks/README.md); the flag changes nothing on GPUs and TPUs.
+    XLA's default YNNPACK fusion of convolutions makes the weight gradients ~1.3x slower on CPUs
+    (docs/benchmarks.md); the flag changes nothing on GPUs and TPUs.
     """
     name = FAST_CPU_CONVOLUTIONS.split("=")[0]
     if name not in os.environ.get("XLA_FLAGS", ""):

@@ -18,7 +18,7 @@ import pytest
 
 from jaxdiff import actions, checkpoints, experiment, parallel, pipeline, training
 from jaxdiff.data import DataConfig, load_split
-from jaxdiff.models import init_params
+from jaxdiff.models.unet import abstract_params, init_params
 from tests.helpers import NET, ROOT, free_port, load_config, tiny_config
 
 SPEC = pipeline.ModelSpec(NET, pipeline.DiffusionConfig(num_timesteps=100), clip_x0=False, data=DataConfig())
@@ -166,7 +166,7 @@ def test_sampling_reads_the_config_the_spec_and_only_the_ema_parameters(tmp_path
     checkpoints.save(mngr, 7, state, {"seed": 3, "data": {"image_size": 8}}, SPEC.to_json())
     checkpoints.wait(mngr)
     mngr.close()
-    like = lambda spec: pipeline.abstract_params(pipeline.ModelSpec.from_json(spec).network)
+    like = lambda spec: abstract_params(pipeline.ModelSpec.from_json(spec).network)
     loaded = checkpoints.load_for_sampling(tmp_path, None, like)
     assert loaded.step == 7 and pipeline.ModelSpec.from_json(loaded.spec) == SPEC and loaded.config["seed"] == 3
     assert_ema_read(loaded.ema_params, state)

@@ -94,14 +94,14 @@ def compare(model, batch=2, seed=0):
 def test_small_unets_match_diffusers(name):
     model = diffusers_unet(**SMALL[name])
     err, _, _ = compare(model)
-    assert err <= 1e-4, err
+    assert err <= 1e-5, err  # measured (AMD EPYC): 1.0e-6 to 2.1e-6; float32 summation order differs by CPU kind
 
 
 @pytest.mark.torch
 def test_the_cifar10_unet_matches_diffusers():
     model = diffusers_unet(**CIFAR10)
     err, cfg, params = compare(model, batch=2)
-    assert err <= 1e-4, err
+    assert err <= 1e-5, err  # measured (AMD EPYC): 2.1e-6
     assert cfg.attn_resolutions == (16,) and cfg.ch_mult == (1, 2, 2, 2) and cfg.ch == 128
     n_torch = sum(p.numel() for p in model.parameters())
     assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == n_torch == 35_746_307
@@ -115,7 +115,7 @@ def test_the_256x256_unet_matches_diffusers_and_is_the_lsun_config_s_network():
 
     model = diffusers_unet(**LSUN_256)
     err, cfg, params = compare(model, batch=1)
-    assert err <= 1e-4, err
+    assert err <= 2e-5, err  # measured (AMD EPYC): 4.1e-6 to 4.5e-6, twice the 32x32 networks' (more layers, more sums)
     assert cfg.image_size == 256 and cfg.ch == 32 and cfg.num_res_blocks == 2
     assert cfg.ch_mult == (1, 1, 2, 2, 4, 4) and cfg.attn_resolutions == (16,)
     n_torch = sum(p.numel() for p in model.parameters())

@@ -1,5 +1,6 @@
 """The project's promises to a new user: the README's commands are what CI runs, and its example runs."""
 
+import ast
 import os
 import pathlib
 import re
@@ -49,7 +50,11 @@ def loaded_by(module: str) -> set[str]:
         ("jaxdiff.schedules", ("flax", "tensorflow", "jaxdiff.models")),
         ("jaxdiff.diffusion", ("flax", "tensorflow", "jaxdiff.models")),
         ("jaxdiff.samplers", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.samplers.ode", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.losses", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.bound", ("flax", "tensorflow", "jaxdiff.models")),
         ("jaxdiff.likelihood", ("flax", "tensorflow", "jaxdiff.models")),
+        ("jaxdiff.data.config", ("flax", "tensorflow", "tensorflow_datasets", "jaxdiff.models")),
     ],
 )
 def test_the_pure_math_loads_neither_flax_nor_tensorflow(module, must_not_load):
@@ -62,7 +67,7 @@ def test_the_import_check_sees_what_the_upper_floors_load():
     assert {"flax", "jaxdiff.models"} <= loaded_by("jaxdiff.pipeline") & set(HEAVY)
     import jaxdiff
 
-    assert jaxdiff.UNet.__module__ == "jaxdiff.models.unet" and jaxdiff.Pipeline.__module__ == "jaxdiff.pipeline"
+    assert jaxdiff.UNet.__module__ == "jaxdiff.models.unet" and jaxdiff.Pipeline.__module__ == "jaxdiff.pipeline.base"
 
 
 _CACHE_PROBE = """
@@ -109,3 +114,84 @@ def test_ci_fails_when_a_torch_cross_check_skips(tmp_path):
     assert "test_one.py::test_skips: Skipped: pretend torch is missing" in required.stdout
     assert run(JAXDIFF_REQUIRE_TORCH="0").returncode == 0  # elsewhere a skip with its reason is fine
     assert "JAXDIFF_REQUIRE_TORCH=1" in (ROOT / ".ci" / "run").read_text()
+
+
+def import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
+    """``module -> the package's modules it imports`` (function-local imports too), read with ``ast``.
+
+    ``from a import b`` counts as the submodule ``a.b`` where there is one, else as ``a``; the top package itself is
+    left out (every import of a submodule runs it, so it would sit on every path).
+    """
+    modules = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package
+                    here = name.split(".") if is_package else name.split(".")[:-1]
+                    here = here[: len(here) - node.level + 1]
+                    base = ".".join([*here, base] if base else here)
+                for alias in node.names:
+                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = {d for d in deps if d in modules and d not in (name, package)}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other_directly_or_through_others():
+    graph = import_graph(ROOT, "jaxdiff")
+    assert {"jaxdiff.diffusion", "jaxdiff.samplers.ode", "jaxdiff.metrics.features"} <= set(graph)
+    assert "jaxdiff.schedules" in graph["jaxdiff.diffusion"]  # the graph sees the imports
+    assert not circles(graph), circles(graph)
+
+
+def test_the_circle_check_has_power(tmp_path):
+    """A circle through a function-local import and a relative one is found; the same package without it is not."""
+    pkg = tmp_path / "toy"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from toy import a\n")
+    (pkg / "a.py").write_text("from toy.sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from . import c\n")
+    (pkg / "sub" / "c.py").write_text("import toy.a\n")
+    graph = import_graph(tmp_path, "toy")
+    assert circles(graph) == [["toy.a", "toy.sub.b", "toy.sub.c"]]
+    (pkg / "sub" / "c.py").write_text("import toy.sub\n")
+    assert circles(import_graph(tmp_path, "toy")) == []

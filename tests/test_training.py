@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from jaxdiff import actions, experiment, logs, parallel, pipeline, training
 from jaxdiff.data import Batches, DataConfig, InMemory, global_indices, load_split, num_classes
-from jaxdiff.models import UNetConfig, init_params, make_apply
+from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
 from jaxdiff.schedules import make_schedule
 from tests.helpers import ROOT, fake_run, free_port, load_config, tiny_config
 
@@ -186,7 +186,7 @@ def test_every_config_builds_and_traces_one_step(name):
     optimizer = training.make_optimizer(run.optim)
     apply = make_apply(model_cfg)
     step = training.make_train_step(apply, schedule, run.diffusion, optimizer, run.optim, 0, model_cfg.num_classes)
-    params = pipeline.abstract_params(model_cfg)
+    params = abstract_params(model_cfg)
     state = jax.eval_shape(lambda p: training.init_train_state(p, optimizer, schedule.num_timesteps), params)
     size = config.data.image_size
     batch = {
@@ -867,9 +867,10 @@ def test_bf16_training_keeps_float32_state_and_tracks_the_float32_run():
     floats = [x for x in jax.tree_util.tree_leaves((state16.params, state16.ema_params, state16.opt_state))]
     assert {x.dtype for x in floats if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in floats)
-    # Measured (2026-11-29): the per-step loss differs by 0.16% on average and 0.83% at most. Allowed: 1% and 3%.
+    # Measured: the per-step loss differs by 0.16% on average and 0.83% at most (2026-11-29), 0.14% and 0.65% (AMD
+    # EPYC). Allowed: 3x the larger figures, for other CPU kinds' float32 sums under the bf16 roundings.
     rel = np.abs(np.array(curves[16]) - curves[32]) / np.array(curves[32])
-    assert rel.mean() < 0.01 and rel.max() < 0.03, (rel.mean(), rel.max())
+    assert rel.mean() < 0.005 and rel.max() < 0.025, (rel.mean(), rel.max())
     assert np.mean(curves[16][-10:]) < 0.75 * np.mean(curves[16][:5])  # and it trains
 
 

@@ -24,7 +24,21 @@ from flax import traverse_util
 
 from jaxdiff.models.unet import UNetConfig, abstract_params
 
+__all__ = [
+    "DDPM_REPOS",
+    "WEIGHT_FILES",
+    "check_all_matched",
+    "convert_diffusers_state_dict",
+    "diffusers_folder",
+    "download_diffusers",
+    "load_diffusers_unet",
+    "param_shapes",
+    "unet_config_from_diffusers",
+]
+
+#: The weight files of a diffusers UNet folder, in the order they are looked for.
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+#: The DDPM authors' models on the Hugging Face hub.
 DDPM_REPOS = ("google/ddpm-cifar10-32", "google/ddpm-celebahq-256", "google/ddpm-church-256", "google/ddpm-bedroom-256")
 
 # What a DDPM-family UNet2DModel config must say for the jaxdiff UNet to be the same function.

@@ -22,6 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "Constant",
+    "FanAvgUniform",
+    "ParamRule",
+    "TruncatedNormal",
+    "draw_params",
+    "host_initializers",
+]
+
 # The initialiser attribute of a Flax layer, by the name of the parameter it creates.
 _INIT_ATTRIBUTE = {"kernel": "kernel_init", "bias": "bias_init", "scale": "scale_init", "embedding": "embedding_init"}
 

@@ -37,13 +37,28 @@ from flax import traverse_util
 from jaxdiff.models.convert import check_all_matched, param_shapes
 from jaxdiff.models.unet import UNetConfig
 
+__all__ = [
+    "EMA_SUFFIX",
+    "PUBLISHED",
+    "convert_release_weights",
+    "infer_config",
+    "is_tf1_checkpoint",
+    "load_release",
+    "local_release",
+    "port_to_release_names",
+    "read_tf1_checkpoint",
+    "release_name",
+    "select_weights",
+]
+
+#: The suffix of the EMA shadow variables in Ho et al.'s TF1 checkpoints.
 EMA_SUFFIX = "/ExponentialMovingAverage"
 # Training state beside the weights: Adam's slots and the counters. Skipped by name.
 _TRAINING_STATE = re.compile(r"(.*/Adam(_\d+)?|(.*/)?(global_step|beta1_power|beta2_power))$")
 
-# The four published models (appendix B): CIFAR-10 at 32x32, and LSUN church, bedroom and cat at 256x256, which share
-# one architecture. The CIFAR-10 model samples with sigma_t^2 = beta_t (fixed_large), the 256x256 ones with the
-# posterior variance (fixed_small).
+#: The four published models (appendix B): CIFAR-10 at 32x32, and LSUN church, bedroom and cat at 256x256, which share
+#: one architecture. The CIFAR-10 model samples with sigma_t^2 = beta_t (fixed_large), the 256x256 ones with the
+#: posterior variance (fixed_small).
 PUBLISHED = {
     "cifar10": (UNetConfig(image_size=32, ch_mult=(1, 2, 2, 2), dropout=0.0), "fixed_large"),
     "lsun (church, bedroom, cat)": (UNetConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0), "fixed_small"),

@@ -14,6 +14,10 @@ import zipfile
 
 import numpy as np
 
+__all__ = [
+    "read_tensors",
+]
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,

@@ -23,8 +23,26 @@ import jax.numpy as jnp
 
 from jaxdiff.models.initializers import Constant, FanAvgUniform, TruncatedNormal, draw_params, host_initializers
 
+__all__ = [
+    "DTYPES",
+    "AttnBlock",
+    "Downsample",
+    "ResBlock",
+    "UNet",
+    "UNetConfig",
+    "Upsample",
+    "abstract_params",
+    "attention",
+    "count_params",
+    "ddpm_init",
+    "init_params",
+    "make_apply",
+    "timestep_embedding",
+]
+
 Array = jax.Array
 
+#: The compute dtypes of the UNet (parameters stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -238,6 +256,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halve the resolution: a 3x3 convolution of stride 2 (``cfg.resample_with_conv``), else 2x2 average pooling."""
+
     cfg: UNetConfig
 
     @nn.compact
@@ -250,6 +270,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution if ``cfg.resample_with_conv``."""
+
     cfg: UNetConfig
 
     @nn.compact

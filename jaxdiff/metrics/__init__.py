@@ -1,0 +1,43 @@
+"""Judging samples: feature extractors, the Fréchet distance and the Inception Score, and cached reference
+statistics.
+
+One concept per module:
+
+* :mod:`~jaxdiff.metrics.inception`: the FID Inception network (TF-GAN's ``inception-2015-12-05`` graph) in Flax,
+  and its weights;
+* :mod:`~jaxdiff.metrics.features`: extractors, uint8 images -> (features, class probabilities): the Inception's,
+  and a small classifier of the 8x8 digits (:func:`make_extractor` picks one);
+* :mod:`~jaxdiff.metrics.fid`: feature statistics, :func:`frechet_distance`, :func:`inception_score`, and
+  :func:`sample_quality` (both for a set of samples);
+* :mod:`~jaxdiff.metrics.reference`: the statistics of a dataset split, computed once and cached.
+"""
+
+from jaxdiff.metrics.features import DigitsClassifier, InceptionFeatures, make_extractor
+from jaxdiff.metrics.fid import (
+    FeatureStats,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    load_precomputed_stats,
+    sample_quality,
+)
+from jaxdiff.metrics.inception import InceptionV3, load_inception
+from jaxdiff.metrics.reference import cache_dir, class_reference_stats, reference_stats, streamed_feature_stats
+
+__all__ = [
+    "DigitsClassifier",
+    "FeatureStats",
+    "InceptionFeatures",
+    "InceptionV3",
+    "cache_dir",
+    "class_reference_stats",
+    "feature_stats",
+    "frechet_distance",
+    "inception_score",
+    "load_inception",
+    "load_precomputed_stats",
+    "make_extractor",
+    "reference_stats",
+    "sample_quality",
+    "streamed_feature_stats",
+]

@@ -1,0 +1,206 @@
+"""Building a :class:`~jaxdiff.pipeline.Pipeline`, one place per source: a spec and parameters in memory, a training
+run's workdir (autoguided by its own earlier checkpoint when asked), a diffusers folder or hub id, and the DDPM
+authors' release (TF1 checkpoints, or the PyTorch port's files)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+from jaxdiff import checkpoints, samplers
+from jaxdiff.data.config import DataConfig
+from jaxdiff.models.unet import abstract_params, make_apply
+from jaxdiff.pipeline.base import Pipeline
+from jaxdiff.spec import DiffusionConfig, ModelSpec
+
+__all__ = [
+    "DDPM_PROCESS",
+    "autoguided",
+    "from_checkpoint",
+    "from_diffusers",
+    "from_release",
+    "from_spec",
+    "from_workdir",
+    "params_like",
+]
+
+
+def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
+    """The pipeline of jaxdiff's UNet described by ``spec``, at ``params``: the one place a UNet becomes one."""
+    net = spec.network
+    return Pipeline(
+        apply_fn=make_apply(net),
+        params=params,
+        betas=spec.diffusion.betas(),
+        prediction=spec.diffusion.prediction,
+        variance=spec.diffusion.variance,
+        clip_x0=spec.clip_x0,
+        image_shape=(net.image_size, net.image_size, net.in_channels),
+        num_classes=net.num_classes,
+        source=source,
+        data=spec.data,
+        guidance=spec.guidance,
+        autoguidance=spec.autoguidance,
+        guide_step=spec.guide_step,
+        autoguided_samplers=spec.autoguided_samplers,
+    )
+
+
+def params_like(spec: dict):
+    """The shapes of the parameters of the network that a checkpoint's stored spec (JSON) describes."""
+    return abstract_params(ModelSpec.from_json(spec).network)
+
+
+def from_workdir(
+    workdir: str | os.PathLike, step: int | None = None, autoguidance: float | None = 0.0, sampler: str | None = None
+) -> Pipeline:
+    """The EMA parameters and the spec of the newest readable checkpoint of a training run (or of ``step``).
+
+    ``autoguidance``: 0 gives the network itself (what the bound and any other use of the network want); None the run
+    as ``sampler`` samples it by default (its ``config.sampling.autoguidance`` if the sampler is one of its
+    ``autoguided_samplers``, guided by its checkpoint at ``guide_step``: :func:`autoguided`; unguided at or before
+    that step, as the run itself sampled then); another value that scale, by the same guide, whatever the sampler.
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint (or not ``step``, or not the guide's).
+      RuntimeError: no checkpoint can be read.
+      ValueError: autoguidance asked of a run that keeps no guide, or of a checkpoint not later than its guide.
+    """
+    ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
+    pipe = from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
+    scale = pipe.autoguidance_for(sampler) if autoguidance is None else autoguidance
+    if autoguidance is None and pipe.guide_step is not None and pipe.guide_step >= ckpt.step:
+        scale = 0.0  # the run's own default: no guide yet at this step
+    if scale == 0:
+        return pipe
+    if pipe.guide_step is None:
+        raise ValueError(
+            f"{workdir} was trained without a guide checkpoint, so it cannot be autoguided: train with "
+            "config.sampling.guide_step (e.g. a third of the steps), or sample with --autoguidance=0."
+        )
+    if pipe.guide_step >= ckpt.step:
+        raise ValueError(
+            f"The checkpoint at step {ckpt.step} of {workdir} is not later than its guide (step {pipe.guide_step}): "
+            "sample a later --step, or with --autoguidance=0."
+        )
+    guide = checkpoints.load_for_sampling(workdir, pipe.guide_step, params_like)
+    return autoguided(pipe, guide.ema_params, scale, f"its EMA at step {guide.step}")
+
+
+def autoguided(pipe: Pipeline, guide_params, scale: float, guide: str = "a weaker version") -> Pipeline:
+    """``pipe`` guided away from its own network at ``guide_params`` (autoguidance, Karras et al. 2024): the network
+    of the result is ``(1 + scale) f(main) - scale f(guide)`` (:func:`jaxdiff.samplers.autoguided`), its parameters
+    ``{"main": pipe.params, "guide": guide_params}``. Every sampler, the bound and classifier-free guidance work on it
+    as on any pipeline; each of its network calls costs two. ``guide`` names the guide in ``source``. ``scale`` 0:
+    ``pipe`` itself.
+
+    The guide should make the main network's errors more strongly: the same architecture and data, trained less (the
+    same run's EMA parameters at an earlier step). Unlike classifier-free guidance it needs no labels.
+    """
+    if scale == 0:
+        return pipe
+    apply, variance = pipe.apply_fn, pipe.variance
+
+    def apply_fn(params, x_t, timesteps, labels):
+        main = lambda x, t: apply(params["main"], x, t, labels)
+        weak = lambda x, t: apply(params["guide"], x, t, labels)
+        return samplers.autoguided(main, weak, scale, variance=variance)(x_t, timesteps)
+
+    return dataclasses.replace(
+        pipe,
+        apply_fn=apply_fn,
+        params={"main": pipe.params, "guide": guide_params},
+        source=f"{pipe.source}, autoguided (w = {scale:g}) by {guide}",
+        autoguidance=0.0,
+        guide_step=None,
+    )
+
+
+# diffusers' scheduler names -> jaxdiff's
+_DIFFUSERS_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+
+
+_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+_DIFFUSERS_VARIANCES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
+
+
+def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
+    """An imported DDPM model (a diffusers UNet2DModel folder or pipeline folder) and its scheduler settings.
+
+    ``path`` is a local folder or, with ``download=True``, a Hugging Face repo id such as ``google/ddpm-cifar10-32``
+    (its UNet and scheduler config are fetched once and cached by ``huggingface_hub``).
+
+    The diffusion settings come from ``scheduler_config.json`` (beside the weights or in ``scheduler/``); without
+    one, DDPM's: linear betas 1e-4 .. 0.02 over 1000 steps, eps prediction, fixed_large variance, clipping.
+    """
+    from jaxdiff.models.convert import diffusers_folder, load_diffusers_unet
+
+    folder = diffusers_folder(path, download)  # a download brings the scheduler config too
+    settings = {}
+    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            settings = json.loads(candidate.read_text())
+            break
+    chosen = {}  # checked before any weight is read: a setting jaxdiff does not have is an error, never a default
+    for key, default, table in (
+        ("beta_schedule", "linear", _DIFFUSERS_SCHEDULES),
+        ("prediction_type", "epsilon", _DIFFUSERS_PREDICTIONS),
+        ("variance_type", "fixed_large", _DIFFUSERS_VARIANCES),
+    ):
+        value = settings.get(key, default)
+        if value not in table:
+            raise ValueError(
+                f"The scheduler's {key} {value!r} is not supported; supported: {sorted(table)}. Edit "
+                "scheduler_config.json only if the model was trained with one of them."
+            )
+        chosen[key] = table[value]
+    process = DiffusionConfig(
+        num_timesteps=int(settings.get("num_train_timesteps", 1000)),
+        beta_schedule=chosen["beta_schedule"],
+        beta_start=settings.get("beta_start", 1e-4),
+        beta_end=settings.get("beta_end", 0.02),
+        prediction=chosen["prediction_type"],
+        variance=chosen["variance_type"],
+    )
+    params, network = load_diffusers_unet(folder)
+    spec = ModelSpec(network, process, clip_x0=bool(settings.get("clip_sample", True)))
+    return from_spec(spec, params, str(path))
+
+
+#: DDPM's forward process (Ho et al. 2020, section 4): linear betas 1e-4 .. 0.02 over T = 1000 steps, eps prediction.
+DDPM_PROCESS = dict(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
+
+
+def from_release(path: str | os.PathLike, ema: bool = True, image_size: int | None = None) -> Pipeline:
+    """A model of the DDPM authors' release: a TF1 checkpoint (``.../model.ckpt-790000``; its EMA shadows, or with
+    ``ema=False`` the raw weights) or the PyTorch port's state dict file (:func:`jaxdiff.models.release.load_release`).
+
+    DDPM's chain (linear betas 1e-4 .. 0.02, T = 1000, eps prediction, clipping); the published CIFAR-10 model
+    samples with ``fixed_large``, the 256x256 ones with ``fixed_small``. The CIFAR-10 model's data is CIFAR-10 (so
+    ``--eval`` needs no ``--dataset``).
+    """
+    from jaxdiff.models.release import load_release
+
+    params, network, variance, name, weights = load_release(path, ema, image_size)
+    data = DataConfig(dataset="cifar10", image_size=32) if name == "cifar10" else None
+    spec = ModelSpec(network, DiffusionConfig(**DDPM_PROCESS, variance=variance), clip_x0=True, data=data)
+    return from_spec(spec, params, f"{path} ({weights} weights, {name} architecture)")
+
+
+def from_checkpoint(
+    path: str | os.PathLike, download: bool = False, ema: bool = True, image_size: int | None = None
+) -> Pipeline:
+    """An imported model, whatever its format: Ho et al.'s TF1 checkpoint or the PyTorch port's file
+    (:func:`from_release`), else a diffusers folder or hub id (:func:`from_diffusers`)."""
+    from jaxdiff.models.release import is_tf1_checkpoint
+
+    local = pathlib.Path(path).expanduser()
+    if is_tf1_checkpoint(local) or local.is_file():
+        return from_release(local, ema, image_size)
+    if not ema:
+        raise ValueError(f"{path}: only a TF1 checkpoint holds raw and EMA weights side by side; drop --noema.")
+    return from_diffusers(path, download)
