@@ -4,7 +4,7 @@ Each action is a :class:`Periodic` callback (as clu's ``PeriodicCallback`` in fl
 of TensorFlow): it fires every ``n`` steps and after the last one, never when ``n <= 0``. What they do is in one
 function each, taking the step, the state and the step's metrics:
 
-* :func:`report` -- the loss and the rest of the metrics, steps/s and ETA, to stdout and TensorBoard;
+* :class:`Report` -- the loss and the rest of the metrics, steps/s and ETA, to stdout and TensorBoard;
 * :func:`evaluate_bound` -- bits/dim of the EMA model on a fixed held-out batch with fixed keys
   (:func:`jaxdiff.evaluation.bound_over_split`, the figure ``sample.py --eval=bpd`` gives on the same images);
 * :func:`make_fid` -- FID (and the score) of fresh EMA samples against the cached training-split statistics;
@@ -35,6 +35,7 @@ from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import sample_quality
 from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
+from jaxdiff.spec import ModelSpec
 from jaxdiff.training import TrainState
 
 __all__ = [
@@ -149,7 +150,7 @@ class FiniteGuard:
 class Checkpointer:
     """Saves the state (never a non-finite one) with the run's config and spec beside it."""
 
-    def __init__(self, manager, config: dict, spec: pipeline.ModelSpec, guard: FiniteGuard | None = None):
+    def __init__(self, manager, config: dict, spec: ModelSpec, guard: FiniteGuard | None = None):
         self.manager, self.config, self.spec = manager, config, spec.to_json()
         self.guard = guard or FiniteGuard()
 

@@ -206,7 +206,7 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 def _read_everywhere(read: Callable[[], Any]) -> tuple[Any, str | None]:
-    """:func:`_attempt` on every process, then their verdicts compared: ``(value, None)`` where all of them read it,
+    """``_attempt`` on every process, then their verdicts compared: ``(value, None)`` where all of them read it,
     else ``(None, the reason)``, this process's own, or which processes failed where this one did not."""
     value, reason = _attempt(read)
     verdicts = process_verdicts(reason is None)
@@ -397,6 +397,7 @@ class PreemptionWatch:
         return self.signalled
 
     def close(self) -> None:
+        """Put the SIGTERM handler that was there before back (one process; a no-op under ``jax.distributed``)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

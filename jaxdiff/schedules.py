@@ -5,6 +5,13 @@ the paper's ``t = 1..T`` (the convention of the original DDPM code). Every coeff
 host and stored as a float32 device array, so the error of a long cumulative product never enters the model.
 
 Notation: ``alpha_t = 1 - beta_t`` and ``abar_t = prod_{s <= t} alpha_s``.
+
+The step grids live here too: :func:`respace` keeps any subset of a chain's timesteps with abar unchanged there;
+:func:`respaced` spreads ``steps`` of them evenly or quadratically in t (:func:`space_timesteps`) or by noise level
+(:func:`snr_spaced_timesteps`: DPM-Solver's log-SNR grid, Karras et al.'s sigma grid), and
+:func:`sampling_schedule` does both from a schedule's name. Solvers that leave the grid read the noise level of a
+fractional timestep (:func:`log_sigmas`, :func:`timestep_at`, :func:`log_sigma_at`), and SDEdit starts part of the way
+down (:func:`truncated`). Samplers ask this module for a grid and never build one themselves.
 """
 
 from __future__ import annotations
@@ -361,7 +368,7 @@ def sampling_schedule(
     :func:`respaced` of ``beta_schedule(name, num_timesteps, **schedule_kwargs)``.
 
     Raises:
-      ValueError: ``steps`` < 1 or > ``num_timesteps``.
+      ValueError: ``steps`` < 1 or > ``num_timesteps``, an unknown schedule name, or an unknown spacing.
     """
     return respaced(beta_schedule(name, num_timesteps, **schedule_kwargs), steps, spacing)
 

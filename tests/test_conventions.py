@@ -29,8 +29,9 @@ def gaussian_x0(abar, x):
     return MEAN + math.sqrt(abar) * VAR * (x - math.sqrt(abar) * MEAN) / (abar * VAR + 1.0 - abar)
 
 
-def eps_model(schedule):
-    """The exact denoiser as an eps-predicting ``model_fn`` on ``schedule``'s original timesteps."""
+def eps_model():
+    """The exact denoiser as an eps-predicting ``model_fn`` of DDPM's chain (linear, T = 1000), called with the
+    chain's timesteps (what a schedule respaced from it passes)."""
     chain = make_schedule("linear", 1000)
 
     def model_fn(x, timesteps):
@@ -86,7 +87,7 @@ def test_third_order_multistep_matches_the_update_written_out(sampler, second_de
     abars = np.concatenate([np.asarray(schedule.alphas_cumprod, np.float64)[::-1], [1.0]])
     form = "reference" if sampler == "dpm++3m-ref" else "exact"
     ours = samplers.dpm_solver_sample(
-        schedule, eps_model(schedule), SHAPE, jax.random.key(0), order=3, third_order=form, x_T=jnp.asarray(x_T)
+        schedule, eps_model(), SHAPE, jax.random.key(0), order=3, third_order=form, x_T=jnp.asarray(x_T)
     )
     want = reference_multistep(abars, x_T, 3, second_derivative)
     other = reference_multistep(abars, x_T, 3, 3.0 - second_derivative)
@@ -96,7 +97,7 @@ def test_third_order_multistep_matches_the_update_written_out(sampler, second_de
 
 def test_the_pipeline_samples_dpm3m_ref_with_the_reference_form():
     betas = beta_schedule("linear", 1000)
-    apply_fn = lambda params, x, t, labels: eps_model(None)(x, t)
+    apply_fn = lambda params, x, t, labels: eps_model()(x, t)
     pipe = pipeline.Pipeline(apply_fn=apply_fn, params={}, betas=betas, clip_x0=False, image_shape=SHAPE[1:])
     keys = jax.random.split(jax.random.key(3), SHAPE[0])
     draw = lambda name: np.asarray(pipeline.make_sampler(pipe, name, 12)({}, keys), np.float64)
@@ -148,6 +149,14 @@ def test_respaced_grids_sit_on_integer_steps_of_the_chain():
         assert kept.dtype == np.int32 and np.all(np.diff(kept) > 0), spacing
         np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod, np.float64), abar[kept], rtol=1e-6)
     karras = respaced(betas, 20, "karras")
-    sigmas = np.exp(np.asarray(log_sigmas(karras), np.float64))
-    chain_sigmas = np.sqrt((1 - abar) / abar)
-    np.testing.assert_allclose(sigmas, chain_sigmas[np.asarray(karras.timestep_map)], rtol=1e-5)
+    kept = np.asarray(karras.timestep_map)
+    chain = np.log(np.sqrt((1 - abar) / abar))  # log sigma of every step of the chain
+    np.testing.assert_allclose(np.asarray(log_sigmas(karras), np.float64), chain[kept], rtol=1e-5)
+    # Karras et al.'s continuous grid (rho = 7) between the chain's extreme levels, highest first
+    lo, hi = np.exp(chain[0]), np.exp(chain[-1])
+    ramp = np.linspace(0, 1, 20)
+    continuous = np.log((hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7)[::-1]
+    gap = np.abs(chain[kept] - continuous)
+    assert gap.max() > 1e-3  # the grid is not the continuous one...
+    nearest = np.abs(chain[None, :] - continuous[:, None]).min(axis=1)
+    np.testing.assert_allclose(gap, nearest, atol=1e-9)  # ...but the chain's nearest steps (none merged at 20)

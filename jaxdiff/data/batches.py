@@ -49,8 +49,9 @@ class Batches:
     """Batches of one process as a function of the step: ``batches.at(step)`` or iterate from a start step.
 
     Each batch is ``{'image': float32 [B/P, S, S, C] in [-1, 1], 'label': int32 [B/P]}`` (label 0 when the dataset
-    has none). Only this process's rows of each global batch are read from ``data`` (:class:`InMemory` or
-    :class:`Streamed`), so both give the same batches. Iterating reads the next batches on a background thread.
+    has none). Only this process's rows of each global batch are read from ``data``
+    (:class:`~jaxdiff.data.readers.InMemory` or :class:`~jaxdiff.data.readers.Streamed`), so both give the same
+    batches. Iterating reads the next batches on a background thread.
     """
 
     def __init__(
@@ -140,7 +141,8 @@ class _Failed:
 def make_batches(
     config: DataConfig, *, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> Batches:
-    """Open ``config``'s split (:func:`open_split`) and return its :class:`Batches` for this process."""
+    """Open ``config``'s split (:func:`~jaxdiff.data.readers.open_split`) and return its :class:`Batches` for this
+    process."""
     return Batches(
         open_split(config),
         global_batch=global_batch,

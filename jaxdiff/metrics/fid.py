@@ -161,8 +161,9 @@ def sample_quality(
 
     For class-conditional samples, ``labels`` (the class each image was drawn for) adds ``cond_accuracy``: the share
     the classifier puts in the requested class (extractors whose classes are the dataset's: the digits classifier).
-    With ``class_reference`` (:func:`class_reference_stats`) also ``fid_per_class``: each class's samples against that
-    class's reference images (few samples per class: biased upwards, for comparing settings).
+    With ``class_reference`` (:func:`~jaxdiff.metrics.reference.class_reference_stats`) also ``fid_per_class``: each
+    class's samples against that class's reference images (few samples per class: biased upwards, for comparing
+    settings).
     """
     features, probs = extractor(images)
     result = {"fid": frechet_distance(feature_stats(features), reference), "num_samples": len(images)}

@@ -89,7 +89,7 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias":
 
 
 def unet_config_from_diffusers(config: Mapping, *, dropout: float = 0.0, dtype: str = "float32") -> UNetConfig:
-    """The :class:`UNetConfig` of a diffusers ``UNet2DModel`` config dict of the DDPM family.
+    """The :class:`~jaxdiff.models.unet.UNetConfig` of a diffusers ``UNet2DModel`` config dict of the DDPM family.
 
     Raises:
       ValueError: naming each setting of ``config`` that the DDPM UNet does not have.

@@ -40,8 +40,9 @@ class Pipeline:
       guidance: the classifier-free guidance scale to sample with unless told otherwise (a conditional run's
         ``config.sampling.guidance``; 0 for others).
       autoguidance, guide_step, autoguided_samplers: a training run's ``config.sampling`` settings of the same names:
-        the scale of :func:`autoguided` that :func:`from_workdir` applies when asked for the run's own, the step of
-        the checkpoint whose EMA parameters guide, and the samplers it applies to by default (0 and None for others).
+        the scale of :func:`~jaxdiff.pipeline.loaders.autoguided` that :func:`~jaxdiff.pipeline.loaders.from_workdir`
+        applies when asked for the run's own, the step of the checkpoint whose EMA parameters guide, and the samplers
+        it applies to by default (0 and None for others).
       schedule: the full chain (T steps), computed from ``betas``: what training and the bound use.
     """
 
