@@ -1,19 +1,21 @@
-"""The built-in digits default against the real-data floor, over training seeds (issue #15).
+"""The built-in digits default by the held-out judge, over training seeds (issues #15, #31).
 
     python benchmarks/digits_default.py --json benchmarks/results/digits_default.json
 
 For each seed in ``--seeds``: trains ``python train.py --config=configs/digits.py --config.seed=S`` into
 ``--workdir/seedS`` (the quickstart's command, timed; a finished run is reused and not timed again), then draws
-``max(--counts)`` images of its EMA model with each sampler (DDIM-50, and DDPM over all T steps; sampling seed 0) and
-judges the first N of them for each N in ``--counts``: the digits classifier's Fréchet distance and score against the
-training split, as ``sample.py --eval=fid`` does. A sampler that the run autoguides by default
-(``config.sampling.autoguidance`` and ``autoguided_samplers``) is judged twice: as the run samples with it
-(autoguided by its own EMA at ``guide_step``; the ``+AG`` rows), and unguided.
+``--num_samples`` images of its EMA model each way in ``--ways`` (sampling seed 0) and judges them with
+:class:`jaxdiff.metrics.HeldoutJudge`: the digits classifier's Fréchet distance to the 297 test digits, which no run
+trains on, against the real-data floor at the same N (N real training digits, 10 draws, with their spread); the
+share of near-copies of training digits; the classifier score; and the train-referenced distance, for comparison.
 
-The floor is what real held-out digits score. At 297 it is the test split itself. No 900 held-out digits exist, so
-the floor at a larger N is extrapolated: the Fréchet distance of N samples from a fixed distribution is, in
-expectation, its limit plus a bias that falls as 1/N. :func:`floor_fit` fits ``a + b / N`` to the mean distance of
-random subsets of the test split (N = 75 ... 297) and evaluates it at N. The score's floor is the test split's.
+A way is ``name=sampler[:steps[:eta[:autoguidance[:spacing[:variance]]]]]``: steps 0 is all T, autoguidance ``run``
+is the run's own default for that sampler (``config.sampling``), a number that scale by the run's guide; spacing and
+variance (DDPM's sigma_t^2) empty for the sampler's and the run's own. The default ways are the
+three default samplers as ``sample.py`` runs them: DDPM over all T, DDIM-50 and DPM-Solver++ 2M at 20 steps.
+
+A class-conditional config (``configs/digits_cond.py``) draws the classes in turn and adds the conditional accuracy
+and each class's distance to the held-out digits of that class, against that class's floor.
 """
 
 from __future__ import annotations
@@ -28,31 +30,25 @@ import sys
 import time
 
 import jax
-import numpy as np
 from sampler_quality import cpu_model  # beside this script
 
 from jaxdiff import metrics, pipeline
-from jaxdiff.data import load_split
 from jaxdiff.metrics import features
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
 use_fast_cpu_convolutions()  # before the first computation, as sample.py
 
-SAMPLERS = {"ddim-50": ("ddim", 50), "ddpm": ("ddpm", None)}  # name: (sampler, steps; None = all T)
+DEFAULT_WAYS = "ddpm=ddpm:0:0:run,ddim-50=ddim:50:0:run,dpm++2m-20=dpm++2m:20:0:run"
 
 
-def floor_fit(extractor, reference, test_images: np.ndarray, sizes=(75, 100, 150, 200, 250), draws: int = 60):
-    """``(a, b)`` of the fit ``FD(N) = a + b / N`` to the mean Fréchet distance of random subsets of ``test_images``
-    (``draws`` subsets of each size in ``sizes``, and the whole split) against ``reference``."""
-    feats, _ = extractor(test_images)
-    rng = np.random.default_rng(0)
-    n_all = len(test_images)
-    fd = lambda idx: metrics.frechet_distance(metrics.feature_stats(feats[idx]), reference)
-    sizes = [n for n in sizes if n < n_all]
-    means = [np.mean([fd(rng.choice(n_all, n, replace=False)) for _ in range(draws)]) for n in sizes]
-    sizes, means = np.array([*sizes, n_all], float), np.array([*means, fd(np.arange(n_all))])
-    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(sizes), 1.0 / sizes], 1), means, rcond=None)
-    return float(a), float(b)
+def parse_way(text: str) -> tuple[str, dict]:
+    """``name=sampler[:steps[:eta[:autoguidance[:spacing[:variance]]]]]`` -> ``(name, {sampler, steps, ...})``."""
+    name, _, spec = text.partition("=")
+    parts = (spec or name).split(":") + [""] * 5
+    steps = int(parts[1] or 0) or None
+    guide = None if parts[3] == "run" else float(parts[3] or 0)
+    way = dict(sampler=parts[0], steps=steps, eta=float(parts[2] or 0), autoguidance=guide)
+    return name, dict(way, spacing=parts[4] or None, variance=parts[5] or None)
 
 
 def train(config: str, workdir: str, seed: int, overrides: list[str]) -> float | None:
@@ -71,23 +67,50 @@ def train(config: str, workdir: str, seed: int, overrides: list[str]) -> float |
     return seconds
 
 
-def judge(ways: dict, sampler: str, steps, seed: int, counts: list[int], extractor, reference, rows: list) -> None:
-    """Draw ``max(counts)`` images (sampling seed 0) of each pipeline in ``ways`` (row name: pipeline) and append the
-    first N's Fréchet distance and score for each N in ``counts`` to ``rows``."""
-    for name, model in ways.items():
-        run = pipeline.make_sampler(model, sampler, steps)
-        start = time.perf_counter()
-        images = pipeline.generate(model, run, counts[-1], counts[-1], seed=0)
-        seconds = time.perf_counter() - start
-        for n in counts:
-            quality = metrics.sample_quality(extractor, images[:n], reference)
-            rows.append(dict(seed=seed, sampler=name, n=n, fd=quality["fid"], score=quality["score"]))
-            print(f"seed {seed}  {name:11s} N={n:4d}  FD {quality['fid']:6.2f}  score {quality['score']:.3f}")
-        print(f"  ({counts[-1]} images in {seconds:.0f} s, compile included)", flush=True)
+def judge_way(workdir: str, way: dict, num_samples: int, judge) -> dict:
+    """Draw ``num_samples`` images (sampling seed 0) of the run in ``workdir`` one way and judge them."""
+    pipe = pipeline.from_workdir(workdir, autoguidance=way["autoguidance"], sampler=way["sampler"])
+    if way["variance"]:
+        pipe = dataclasses.replace(pipe, variance=way["variance"])
+    run = pipeline.make_sampler(pipe, way["sampler"], way["steps"], way["eta"], way["spacing"])
+    labels = pipeline.labels_for(num_samples, pipe.num_classes, None)  # what generate draws: the classes in turn
+    start = time.perf_counter()
+    images = pipeline.generate(pipe, run, num_samples, num_samples, seed=0)  # the classes in turn, if conditional
+    seconds = time.perf_counter() - start
+    result = judge(images, labels)
+    result["seconds"] = seconds
+    result["guided"] = pipe.source
+    return result
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+def mean_sd(values: list[float], digits: int = 2) -> str:
+    if len(values) > 1:
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{values[0]:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: each way's means (± sd over seeds) of the judge's figures."""
+    lines = [
+        "| way | FD to test | floor (N real train) | FD / floor | near-copies | NN ratio | score | train-ref FD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["way"] for r in rows):
+        mine = [r for r in rows if r["way"] == name]
+        col = lambda k, mine=mine: [r[k] for r in mine]
+        ratio = statistics.mean(col("fid")) / statistics.mean(col("floor"))
+        line = (
+            f"| {name} | {mean_sd(col('fid'))} | {mean_sd(col('floor'))} | {ratio:.2f} | "
+            f"{100 * statistics.mean(col('copy_share')):.1f}% | {statistics.mean(col('copy_median_ratio')):.2f} | "
+            f"{mean_sd(col('score'), 3)} | {mean_sd(col('fid_train'))} |"
+        )
+        if "cond_accuracy" in mine[0]:
+            per_class = statistics.mean(
+                r["fid_per_class"][k] / r["floor_per_class"][k] for r in mine for k in r["fid_per_class"]
+            )
+            line += f" accuracy {statistics.mean(col('cond_accuracy')):.3f}, per-class FD / floor {per_class:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -95,55 +118,35 @@ def main() -> None:
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument("--workdir", default="runs/digits_seeds", help="the runs go in WORKDIR/seedS")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--counts", default="297,900", help="comma-separated sample counts")
-    parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated, of {list(SAMPLERS)}")
+    parser.add_argument("--num_samples", type=int, default=900)
+    parser.add_argument("--ways", default=DEFAULT_WAYS, help="comma-separated name=sampler:steps:eta:autoguidance")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*", help="--config.x=y overrides for train.py (after --)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    counts = sorted(int(n) for n in args.counts.split(","))
+    ways = dict(parse_way(w) for w in args.ways.split(","))
 
-    rows, walls = [], {}
-    extractor = reference = None
+    rows, walls, judge = [], {}, None
     for seed in seeds:
         workdir = os.path.join(args.workdir, f"seed{seed}")
         walls[seed] = train(args.config, workdir, seed, args.overrides)
-        pipe = pipeline.from_workdir(workdir)
-        if extractor is None:
-            extractor = features.make_extractor("digits", pipe.data)
-            reference = metrics.reference_stats(extractor, pipe.data)
-        for name in args.samplers.split(","):
-            sampler, steps = SAMPLERS[name]
-            ways = {name: pipe}
-            if pipe.autoguidance_for(sampler) != 0:  # as the run samples by default: autoguided
-                ways[name + "+AG"] = pipeline.from_workdir(workdir, autoguidance=None, sampler=sampler)
-            judge(ways, sampler, steps, seed, counts, extractor, reference, rows)
+        if judge is None:
+            data = pipeline.from_workdir(workdir).data
+            judge = metrics.heldout_judge(features.make_extractor("digits", data), data)
+        for name, way in ways.items():
+            result = judge_way(workdir, way, args.num_samples, judge)
+            rows.append(dict(seed=seed, way=name, **way, **result))
+            print(f"seed {seed}  {name:14s} {judge.summary(result)} ({result['seconds']:.0f} s)", flush=True)
 
-    test_images, _ = load_split(dataclasses.replace(pipe.data, split=pipe.data.eval_split, random_flip=False))
-    real = metrics.sample_quality(extractor, test_images, reference)
-    a, b = floor_fit(extractor, reference, test_images)
-    floors = {n: (real["fid"] if n == len(test_images) else a + b / n) for n in counts}
-    print(
-        f"\nfloor: the test split's {len(test_images)} digits FD {real['fid']:.2f}, score {real['score']:.3f}; "
-        f"fit over its subsets FD(N) = {a:.2f} + {b:.0f} / N"
-    )
-    print(f"trained in {', '.join('reused' if w is None else f'{w:.0f} s' for w in walls.values())}\n")
-    print("| sampler | N | floor FD | FD (mean ± sd) | FD / floor | score (mean ± sd) |")
-    print("|---|---|---|---|---|---|")
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        for n in counts:
-            fd = [r["fd"] for r in rows if r["sampler"] == name and r["n"] == n]
-            score = [r["score"] for r in rows if r["sampler"] == name and r["n"] == n]
-            print(
-                f"| {name} | {n} | {floors[n]:.2f} | {mean_sd(fd)} | {statistics.mean(fd) / floors[n]:.2f} | "
-                f"{mean_sd(score)} |"
-            )
+    print(f"\ntrained in {', '.join('reused' if w is None else f'{w:.0f} s' for w in walls.values())}")
+    print(f"{args.num_samples} samples a way, seeds {seeds}, {args.config} {' '.join(args.overrides)}\n")
+    print(table(rows))
     if args.json:
         meta = dict(cpu=cpu_model(), devices=jax.device_count(), jax=jax.__version__, config=args.config)
-        meta.update(overrides=args.overrides, seeds=seeds, date=time.strftime("%Y-%m-%d"))
-        floor = dict(test_fd=real["fid"], test_score=real["score"], fit_a=a, fit_b=b, by_count=floors)
+        meta.update(overrides=args.overrides, seeds=seeds, date=time.strftime("%Y-%m-%d"), ways=args.ways)
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "train_seconds": walls, "floor": floor, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "train_seconds": walls, "rows": rows}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

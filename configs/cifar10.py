@@ -5,4 +5,5 @@ from configs import default
 
 def get_config():
     config = default.get_config()  # already the CIFAR-10 values
+    config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02  # the paper's range (T = 1000: unscaled)
     return config

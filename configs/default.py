@@ -43,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000
     c.diffusion.beta_schedule = "linear"
-    c.diffusion.beta_start = 1e-4
-    c.diffusion.beta_end = 0.02
+    # None: DDPM's 1e-4..0.02, scaled by 1000/T for the linear schedule (T = 1000: the paper's betas bit for bit).
+    c.diffusion.beta_start = ml_collections.config_dict.placeholder(float)
+    c.diffusion.beta_end = ml_collections.config_dict.placeholder(float)
     c.diffusion.loss_type = "simple"
     c.diffusion.prediction = "eps"
     c.diffusion.variance = "fixed_large"  # DDPM's CIFAR-10 samples use sigma^2 = beta

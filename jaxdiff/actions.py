@@ -7,7 +7,8 @@ function each, taking the step, the state and the step's metrics:
 * :class:`Report` -- the loss and the rest of the metrics, steps/s and ETA, to stdout and TensorBoard;
 * :func:`evaluate_bound` -- bits/dim of the EMA model on a fixed held-out batch with fixed keys
   (:func:`jaxdiff.evaluation.bound_over_split`, the figure ``sample.py --eval=bpd`` gives on the same images);
-* :func:`make_fid` -- FID (and the score) of fresh EMA samples against the cached training-split statistics;
+* :func:`make_fid` -- FID (and the score) of fresh EMA samples: the digits against their held-out split, with the
+  real-data floor and the near-copies (:mod:`jaxdiff.metrics.heldout`), other datasets against their train split;
 * :func:`sample_grid` -- a PNG grid of EMA samples with a fixed seed (the classes in turn for a conditional model);
 * :class:`Checkpointer` -- checkpoints, with the non-finite check before them;
 * :class:`Actions` -- all of them after each step, and SIGTERM (preemption): save at once and stop.
@@ -33,12 +34,14 @@ from jaxdiff.images import save_grid
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import sample_quality
+from jaxdiff.metrics.heldout import HELDOUT_SPLITS, heldout_judge
 from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.spec import ModelSpec
 from jaxdiff.training import TrainState
 
 __all__ = [
+    "FID_SCALARS",
     "Actions",
     "Autoguide",
     "Checkpointer",
@@ -51,6 +54,7 @@ __all__ = [
     "fid_action",
     "make_fid",
     "sample_grid",
+    "uses_heldout_judge",
 ]
 
 
@@ -267,9 +271,14 @@ def sample_grid(
 def make_fid(
     settings, data: DataConfig, pipe: Pipeline, mesh, autoguide: Autoguide | None = None
 ) -> Callable[[object, int, int], dict] | None:
-    """``(params, seed, step=0) -> {"fid", "score", "num_samples", "features", "note"}``: fresh samples of ``pipe`` at
-    ``params`` (autoguided after the guide's step; ``note`` says so) judged against the cached statistics of
-    ``data``'s train split; None when ``settings.fid_every <= 0``.
+    """``(params, seed, step=0) -> {"fid", "score", "num_samples", "features", "note", ...}``: fresh samples of
+    ``pipe`` at ``params`` (autoguided after the guide's step; ``note`` says so), judged; None when
+    ``settings.fid_every <= 0``.
+
+    The digits (judged by the digits classifier) go to :class:`~jaxdiff.metrics.heldout.HeldoutJudge`: the distance
+    to the test split against the real-data floor at the same N, the near-copies of training digits, and the
+    train-referenced distance (the result also holds ``judge``, the line to print). Other datasets are judged
+    against the cached statistics of their train split, the field's convention.
 
     ``settings``: the run's evaluation settings (``fid_every``, ``fid_num_samples``, ``fid_batch_size``, ``sampler``,
     ``steps`` (0: all T), ``features``, ``inception_weights``).
@@ -280,22 +289,38 @@ def make_fid(
     extractor = features.make_extractor(
         settings.features, train, settings.inception_weights, batch_size=settings.fid_batch_size, mesh=mesh
     )
-    reference = reference_stats(extractor, train, log=log)
     make_run = lambda p: pipeline.make_sampler(p, settings.sampler, settings.steps or None, mesh=mesh)
     choose = _unguided(pipe, make_run) if autoguide is None else autoguide.sampling(pipe, make_run)
     batch = parallel.round_up_batch(min(settings.fid_batch_size, settings.fid_num_samples), mesh)
     labels = pipeline.labels_for(settings.fid_num_samples, pipe.num_classes, None)  # the classes in turn
-    per_class = None
-    if labels is not None and extractor.classifies:
-        per_class = class_reference_stats(extractor, train, log=log)
+    if uses_heldout_judge(data, extractor):
+        judge = heldout_judge(extractor, train)
+        quality_of = lambda images: {**judge(images, labels), "judge": judge.summary}
+    else:
+        reference = reference_stats(extractor, train, log=log)
+        per_class = None
+        if labels is not None and extractor.classifies:
+            per_class = class_reference_stats(extractor, train, log=log)
+        quality_of = lambda images: sample_quality(
+            extractor, images, reference, labels=labels, class_reference=per_class
+        )
 
     def fid(params, seed: int, step: int = 0) -> dict:
         sampled, run, note = choose(step, params)
         images = pipeline.generate(sampled, run, settings.fid_num_samples, batch, seed=seed)
-        quality = sample_quality(extractor, images, reference, labels=labels, class_reference=per_class)
-        return {**quality, "features": extractor.name, "note": note}
+        return {**quality_of(images), "features": extractor.name, "note": note}
 
     return fid
+
+
+def uses_heldout_judge(data: DataConfig, extractor) -> bool:
+    """Whether samples of ``data`` under ``extractor`` are judged against a held-out split
+    (:data:`~jaxdiff.metrics.heldout.HELDOUT_SPLITS`: the digits, by a classifier of their own classes)."""
+    return data.dataset in HELDOUT_SPLITS and getattr(extractor, "classifies", False)
+
+
+#: What the FID action writes to TensorBoard (``eval/<name>``), where the result has it.
+FID_SCALARS = ("fid", "fid_ratio", "fid_train", "copy_share", "copy_median_ratio", "score", "cond_accuracy")
 
 
 def fid_action(fid: Callable[[object, int, int], dict], writer, seed: int) -> Callable:
@@ -303,12 +328,13 @@ def fid_action(fid: Callable[[object, int, int], dict], writer, seed: int) -> Ca
 
     def action(step: int, state: TrainState, **_) -> None:
         quality = fid(state.ema_params, seed + step, step)
-        writer.write_scalars(step, {f"eval/{k}": quality[k] for k in ("fid", "score", "cond_accuracy") if k in quality})
+        writer.write_scalars(step, {f"eval/{k}": quality[k] for k in FID_SCALARS if k in quality})
+        what = f"({quality['num_samples']} EMA samples, {quality['features']} features{quality['note']})"
+        if "judge" in quality:
+            log(f"step {step}  {quality['judge'](quality)} {what}")
+            return
         accuracy = f", conditional accuracy {quality['cond_accuracy']:.3f}" if "cond_accuracy" in quality else ""
-        log(
-            f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f}{accuracy} "
-            f"({quality['num_samples']} EMA samples, {quality['features']} features{quality['note']})"
-        )
+        log(f"step {step}  FID {quality['fid']:.3f}, score {quality.get('score', math.nan):.3f}{accuracy} {what}")
 
     return action
 

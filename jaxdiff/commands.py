@@ -19,12 +19,13 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import evaluation, images, parallel, pipeline
+from jaxdiff import actions, evaluation, images, parallel, pipeline
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import load_split
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import load_precomputed_stats, sample_quality
+from jaxdiff.metrics.heldout import HELDOUT_SPLITS, HeldoutJudge, heldout_judge
 from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 
@@ -68,6 +69,7 @@ class SampleRequest:
     checkpoint: str | None = None
     ema: bool = True  # --checkpoint of the TF1 release: its EMA shadows, or the raw weights
     image_size: int | None = None  # --checkpoint of the release with an unpublished architecture
+    variance: str | None = None  # --checkpoint of the release: the reverse variance (None: read off the channels)
     num_samples: int = 64
     batch_size: int | None = None  # None: batch_for(), by image size
     sampler: str = "ddpm"
@@ -105,6 +107,8 @@ class SampleRequest:
             raise ValueError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
         if self.workdir is not None and (not self.ema or self.image_size is not None):
             raise ValueError("--noema and --image_size apply to --checkpoint; a --workdir samples its EMA parameters.")
+        if self.workdir is not None and self.variance is not None:
+            raise ValueError("--variance applies to --checkpoint; a --workdir samples with the variance it trained.")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}.")
         if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
@@ -153,7 +157,9 @@ def sample(request: SampleRequest) -> int:
             guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance
             pipe = pipeline.from_workdir(request.workdir, request.step, guided, request.sampler)
         else:
-            pipe = pipeline.from_checkpoint(request.checkpoint, request.download, request.ema, request.image_size)
+            pipe = pipeline.from_checkpoint(
+                request.checkpoint, request.download, request.ema, request.image_size, request.variance
+            )
         r = request
         edit = r.edit(pipe)
         pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
@@ -303,9 +309,14 @@ def evaluate_ode_bpd(pipe: Pipeline, request: SampleRequest) -> None:
 
 
 def fid_reference(pipe: Pipeline, request: SampleRequest):
-    """The feature extractor, the statistics of the reference (``--reference_stats``, else the split's, by default
-    train's, computed once and cached) and what they are, and for a conditional model judged by a classifier of the
-    dataset's classes, each class's statistics (else None)."""
+    """The feature extractor, the reference and what it is, and for a conditional model judged by a classifier of
+    the dataset's classes, each class's statistics (else None).
+
+    The reference is a :class:`~jaxdiff.metrics.heldout.HeldoutJudge` for the digits (judged by the digits
+    classifier, unless ``--split`` names another split): the test split, with the real-data floor and the
+    near-copies. Otherwise it is the statistics of ``--reference_stats``, or of the split (by default train's,
+    computed once and cached).
+    """
     precomputed = request.reference_stats is not None  # a precomputed .npz: the dataset is not read
     if precomputed and pipe.data is None and request.dataset is None:  # an imported model: the FID Inception
         data = DataConfig(dataset="(precomputed statistics)", image_size=pipe.image_shape[0])
@@ -317,6 +328,10 @@ def fid_reference(pipe: Pipeline, request: SampleRequest):
     if precomputed:
         stats = load_precomputed_stats(request.reference_stats, extractor.dim)
         return extractor, stats, request.reference_stats, None
+    heldout = HELDOUT_SPLITS.get(data.dataset)
+    if request.split in (None, heldout) and actions.uses_heldout_judge(data, extractor):
+        judge = heldout_judge(extractor, dataclasses.replace(data, split="train"), heldout)
+        return extractor, judge, f"the {judge.name} split (held out; {judge.num_heldout} images)", None
     per_class = None
     if pipe.num_classes is not None and extractor.classifies and request.samples is None:
         per_class = class_reference_stats(extractor, data, log=log)
@@ -340,19 +355,25 @@ def report_fid(
     extractor, reference, judged: np.ndarray, out: pathlib.Path, labels=None, per_class=None, reference_name=""
 ) -> None:
     """FID (and the Inception Score, or the digits classifier score) of ``judged``: printed and in ``out/fid.json``,
-    with which reference statistics were used; for class-conditional samples (``labels``) also the conditional
-    accuracy and the distance per class."""
-    result = sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
-    result.update(features=extractor.name, reference=reference_name, reference_num=reference.num)
+    with which reference was used; for class-conditional samples (``labels``) also the conditional accuracy and the
+    distance per class. ``reference``: feature statistics, or a :class:`~jaxdiff.metrics.heldout.HeldoutJudge`
+    (then also the real-data floor, the near-copies and the train-referenced distance)."""
+    if isinstance(reference, HeldoutJudge):
+        result = reference(judged, labels)
+        result.update(features=extractor.name, reference=reference_name, reference_num=reference.num_heldout)
+        line = f"{reference.summary(result)} ({extractor.name} features, {len(judged)} samples)"
+    else:
+        result = sample_quality(extractor, judged, reference, labels=labels, class_reference=per_class)
+        result.update(features=extractor.name, reference=reference_name, reference_num=reference.num)
+        score = f", score {result['score']:.3f}" if "score" in result else ""
+        if "cond_accuracy" in result:
+            score += f", conditional accuracy {result['cond_accuracy']:.3f}"
+        line = (
+            f"FID {result['fid']:.4f}{score} ({extractor.name} features, {len(judged)} samples against "
+            f"{reference_name or 'the reference'}, {reference.num or 'an unknown number of'} images)"
+        )
     if is_main_process():
         path = out / "fid.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
-        score = f", score {result['score']:.3f}" if "score" in result else ""
-        if "cond_accuracy" in result:
-            score += f", conditional accuracy {result['cond_accuracy']:.3f}"
-        log(
-            f"FID {result['fid']:.4f}{score} ({extractor.name} features, {len(judged)} samples against "
-            f"{reference_name or 'the reference'}, {reference.num or 'an unknown number of'} images); "
-            f"written to {path}."
-        )
+        log(f"{line}; written to {path}.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -40,10 +41,21 @@ SPACINGS = ("even", "quadratic")
 SNR_SPACINGS = ("logsnr", "karras")  #: spacings that need the betas (see snr_spaced_timesteps)
 #: Karras et al.'s rho of the ``karras`` grid: sigma_i^(1/rho) evenly spaced.
 KARRAS_RHO = 7.0
+#: DDPM's range of the linear schedule at T = 1000 (Ho et al. 2020); :func:`beta_schedule` scales it by 1000 / T.
+DDPM_BETA_RANGE = (1e-4, 0.02)
+#: The largest abar_T of a chain that reaches noise: above it :func:`beta_schedule` warns. At abar_T = 1e-2,
+#: x_T = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps keeps 10% of the image's amplitude, so a sampler started from N(0, I)
+#: starts visibly off the chain's own x_T, and the prior term KL(q(x_T | x_0) || N(0, I)) =
+#: (abar_T x_0^2 - abar_T - log(1 - abar_T)) / 2 is ~5e-3 nats a dimension for |x_0| = 1, no longer negligible. The
+#: shipped configs' chains end 2 to 5 orders of magnitude below it (linear: 4.0e-5 at T = 1000, 2.0e-5 at T = 100 with
+#: the default range; cosine at T = 250: 3.9e-8).
+MAX_FINAL_ALPHA_BAR = 1e-2
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DDPM_BETA_RANGE",
     "KARRAS_RHO",
+    "MAX_FINAL_ALPHA_BAR",
     "SNR_SPACINGS",
     "SPACINGS",
     "Schedule",
@@ -84,8 +96,8 @@ def beta_schedule(
     name: str,
     num_timesteps: int,
     *,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
     cosine_s: float = 0.008,
     max_beta: float = 0.999,
 ) -> np.ndarray:
@@ -93,23 +105,43 @@ def beta_schedule(
 
     Args:
       name: one of ``BETA_SCHEDULES``:
-        ``linear`` (DDPM: evenly spaced from ``beta_start`` to ``beta_end``),
+        ``linear`` (DDPM: evenly spaced from ``beta_start`` to ``beta_end``; by default from 1e-4 * 1000 / T to
+        0.02 * 1000 / T, improved DDPM's rule: DDPM's 1e-4 .. 0.02 at T = 1000, bit for bit, and at any T the same
+        sum of betas, ~10, so abar_T lies between 8e-6 and 4e-5 for T in [50, 4000]),
         ``quadratic`` (evenly spaced in sqrt(beta)),
         ``sigmoid`` (a sigmoid over [-6, 6] rescaled to [beta_start, beta_end]),
         ``constant`` (``beta_end`` everywhere),
         ``warmup10`` / ``warmup50`` (``beta_end`` everywhere after a linear warmup over the first 10% / 50%),
         ``cosine`` (Nichol & Dhariwal 2021: ``beta_t = 1 - abar(t/T) / abar((t-1)/T)`` with the offset ``cosine_s``,
         clipped at ``max_beta``). The non-cosine schedules follow the original DDPM code.
-      num_timesteps: T >= 1.
-      beta_start, beta_end: the range of the non-cosine schedules.
+      num_timesteps: T >= 1 (T > 20 for the default linear range, whose last beta 0.02 * 1000 / T reaches 1 at 20).
+      beta_start, beta_end: the range of the non-cosine schedules, used as given (as a diffusers scheduler config or a
+        checkpoint states them). Left out (None): DDPM's 1e-4 and 0.02, scaled by 1000 / T for ``linear`` only.
       cosine_s: the offset s of the cosine schedule.
       max_beta: the clip of the cosine schedule's betas.
 
     Returns:
       betas, float64, shape ``[T]``, each in (0, 1).
+
+    Raises:
+      ValueError: an unknown name, T < 1, or T <= 20 with the default linear range.
+
+    Warns:
+      UserWarning: if the chain does not reach noise, abar_T > ``MAX_FINAL_ALPHA_BAR`` (e.g. ``linear`` with DDPM's
+        unscaled 1e-4 .. 0.02 at T = 250 ends at abar_T = 0.08).
     """
     _check_num_timesteps(num_timesteps)
     T = int(num_timesteps)
+    scale = 1000 / T if name == "linear" else 1.0  # 1.0 exactly at T = 1000: DDPM's betas, bit for bit
+    scaled_end = name == "linear" and beta_end is None
+    beta_start = DDPM_BETA_RANGE[0] * scale if beta_start is None else beta_start
+    beta_end = DDPM_BETA_RANGE[1] * scale if beta_end is None else beta_end
+    if scaled_end and not beta_end < 1.0:  # (a range given that leaves (0, 1) is refused by Schedule.from_betas)
+        raise ValueError(
+            f"The linear schedule ends at beta = {beta_end:.4g} >= 1 (with T = {T}, the default range is "
+            f"1e-4 .. 0.02 scaled by 1000 / T, which needs T > 20). Use num_timesteps > 20, the cosine schedule, or "
+            "pass beta_start and beta_end below 1 explicitly."
+        )
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif name == "quadratic":
@@ -130,7 +162,22 @@ def beta_schedule(
         betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
     else:
         raise ValueError(f"Unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
+    _warn_unless_noise_is_reached(betas, f"The {name} schedule with T = {T}")
     return betas
+
+
+def _warn_unless_noise_is_reached(betas: np.ndarray, what: str) -> None:
+    """Warn (from the caller of the caller) if abar_T = prod(1 - beta_t) exceeds ``MAX_FINAL_ALPHA_BAR``."""
+    final = float(np.prod(1.0 - np.asarray(betas, np.float64)))
+    if final > MAX_FINAL_ALPHA_BAR:
+        warnings.warn(
+            f"{what} does not reach noise: it ends at abar_T = {final:.3g}, so x_T keeps {math.sqrt(final):.0%} of "
+            "the image's amplitude, and sampling from N(0, I) starts off the chain. Raise num_timesteps, use the "
+            "linear schedule's default range (scaled by 1000 / T: leave beta_start and beta_end unset) or the cosine "
+            f"schedule (a chain is taken to reach noise when abar_T <= {MAX_FINAL_ALPHA_BAR:g}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _register_dataclass(cls):
@@ -141,7 +188,8 @@ def _register_dataclass(cls):
 @_register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """Precomputed per-timestep coefficients of a diffusion process; a pytree of float32 arrays of shape ``[T]``.
+    """Precomputed per-timestep coefficients of a diffusion process; a pytree of float32 arrays of shape ``[T]``, and
+    the noise levels of the original chain it was respaced from, ``[T_chain]``.
 
     Build one with :func:`make_schedule`, :meth:`Schedule.from_betas` or :func:`respace`; pass it into jitted functions
     as an ordinary argument. Index ``i`` is the paper's ``t = i + 1``; ``*_prev`` is ``t - 1`` (with ``abar_0 = 1``) and
@@ -165,6 +213,10 @@ class Schedule:
       snr: abar_t / (1 - abar_t).
       timestep_map: int32, the original timestep that each index stands for (``arange(T)`` unless respaced); the
         network is always called with ``timestep_map[t]``.
+      chain_log_sigmas: ``[T_chain]``, log sigma_s = 0.5 log((1 - abar_s) / abar_s) at every step s = 0 .. T_chain - 1
+        of the original chain that ``timestep_map`` indexes (T_chain = T and the schedule's own levels unless
+        respaced): where :func:`timestep_at` and :func:`log_sigma_at` read the levels between the kept steps. It is
+        not a per-step field: :func:`truncated` keeps it whole.
     """
 
     betas: jax.Array
@@ -185,6 +237,7 @@ class Schedule:
     posterior_mean_coef2: jax.Array
     snr: jax.Array
     timestep_map: jax.Array
+    chain_log_sigmas: jax.Array
 
     @property
     def num_timesteps(self) -> int:
@@ -192,16 +245,26 @@ class Schedule:
         return self.betas.shape[0]
 
     @classmethod
-    def from_betas(cls, betas: Sequence[float] | np.ndarray, timestep_map: Sequence[int] | None = None) -> Schedule:
+    def from_betas(
+        cls,
+        betas: Sequence[float] | np.ndarray,
+        timestep_map: Sequence[int] | None = None,
+        chain_betas: Sequence[float] | np.ndarray | None = None,
+    ) -> Schedule:
         """The schedule of the given betas, every coefficient computed in float64 and stored as float32.
 
         Args:
           betas: shape ``[T]``, each in (0, 1) (a beta of 1 would make abar 0 and x_0 unrecoverable). Pass float64
             for full precision.
           timestep_map: the original timestep of each index (for respaced schedules); default ``arange(T)``.
+          chain_betas: the betas of the original chain that ``timestep_map`` indexes, ``[T_chain]`` (:func:`respace`
+            passes them); its levels give ``chain_log_sigmas``. Default: ``betas`` itself without a
+            ``timestep_map``; with one, the kept steps' levels interpolated linearly in log sigma between them (all
+            that the kept steps tell of the chain).
 
         Raises:
-          ValueError: if betas is empty, not 1-D, not finite, or outside (0, 1); or timestep_map does not fit.
+          ValueError: if betas is empty, not 1-D, not finite, or outside (0, 1); or timestep_map does not fit; or
+            chain_betas does not give the kept steps' abar at ``timestep_map``.
         """
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:
@@ -210,16 +273,24 @@ class Schedule:
         if not np.all(ok):
             raise ValueError(f"betas must all lie in the open interval (0, 1); found {betas[~ok][:5].tolist()}.")
         T = betas.shape[0]
-        if timestep_map is None:
-            timestep_map = np.arange(T)
-        timestep_map = np.asarray(timestep_map)
-        if timestep_map.shape != (T,) or not np.issubdtype(timestep_map.dtype, np.integer):
+        given_map = timestep_map is not None
+        timestep_map = np.asarray(timestep_map if given_map else np.arange(T))
+        if timestep_map.shape != (T,) or not np.issubdtype(timestep_map.dtype, np.integer) or timestep_map.min() < 0:
             raise ValueError(
-                f"timestep_map must be {T} integers, got {timestep_map.dtype} of shape {timestep_map.shape}."
+                f"timestep_map must be {T} integers >= 0, got {timestep_map.dtype} of shape {timestep_map.shape}."
             )
 
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
+        log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))
+        if chain_betas is not None:
+            chain_log_sigmas = _chain_log_sigmas(np.asarray(chain_betas, np.float64), timestep_map, abar)
+        elif given_map:
+            order = np.argsort(timestep_map)
+            steps = np.arange(int(timestep_map.max()) + 1)
+            chain_log_sigmas = np.interp(steps, timestep_map[order], log_sigma[order])
+        else:
+            chain_log_sigmas = log_sigma
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         abar_next = np.concatenate([abar[1:], [0.0]])
         one_minus_abar = 1.0 - abar
@@ -244,9 +315,29 @@ class Schedule:
             posterior_mean_coef1=np.sqrt(abar_prev) * betas / one_minus_abar,
             posterior_mean_coef2=np.sqrt(alphas) * (1.0 - abar_prev) / one_minus_abar,
             snr=abar / one_minus_abar,
+            chain_log_sigmas=chain_log_sigmas,
         )
         arrays = {k: jnp.asarray(v.astype(np.float32)) for k, v in coeffs.items()}
         return cls(**arrays, timestep_map=jnp.asarray(timestep_map.astype(np.int32)))
+
+
+def _chain_log_sigmas(chain_betas: np.ndarray, timestep_map: np.ndarray, abar: np.ndarray) -> np.ndarray:
+    """log sigma at every step of the chain of ``chain_betas``, float64 ``[T_chain]``, once its abar is checked to be
+    the kept steps' ``abar`` at ``timestep_map``."""
+    if chain_betas.ndim != 1 or not np.all((chain_betas > 0.0) & (chain_betas < 1.0)):
+        raise ValueError("chain_betas must be a 1-D array of betas in (0, 1), those of the chain respaced from.")
+    if timestep_map.min() < 0 or timestep_map.max() >= chain_betas.shape[0]:
+        raise ValueError(
+            f"timestep_map must index the chain's {chain_betas.shape[0]} steps, got values in "
+            f"[{timestep_map.min()}, {timestep_map.max()}]."
+        )
+    chain_abar = np.cumprod(1.0 - chain_betas)
+    if not np.allclose(chain_abar[timestep_map], abar, rtol=1e-6, atol=0.0):
+        raise ValueError(
+            "chain_betas do not give the schedule's abar at timestep_map: pass the betas of the chain that the "
+            "schedule was respaced from (respace does)."
+        )
+    return 0.5 * (np.log1p(-chain_abar) - np.log(chain_abar))
 
 
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
@@ -324,7 +415,8 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
 
     The new betas are ``1 - abar[k_i] / abar[k_{i-1}]`` (with ``abar[k_{-1}] = 1``), so q(x_t | x_0) is unchanged at the
     kept steps (Nichol & Dhariwal 2021, section 4). The result's ``timestep_map`` maps each new index to its original
-    timestep, which the network must be called with.
+    timestep, which the network must be called with, and its ``chain_log_sigmas`` keep every level of the original
+    chain, for the solvers that call the network between the kept steps.
 
     Args:
       betas: the original chain's betas (float64 for full precision), shape ``[T]``.
@@ -340,7 +432,7 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
         raise ValueError(f"use_timesteps must be distinct timesteps in [0, {T - 1}], got {kept.tolist()[:8]}...")
     abar = np.cumprod(1.0 - betas)[kept]
     abar_prev = np.concatenate([[1.0], abar[:-1]])
-    return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept)
+    return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept, chain_betas=betas)
 
 
 def respaced(betas: np.ndarray, steps: int | None = None, spacing: str = "even") -> Schedule:
@@ -384,30 +476,33 @@ def log_sigmas(schedule: Schedule) -> jax.Array:
 
 
 def timestep_at(schedule: Schedule, log_sigma: jax.Array) -> jax.Array:
-    """The fractional (original) timestep of noise level ``log_sigma``: piecewise linear in log sigma between the
-    schedule's steps, clamped to its first and last step. Float32, the shape of ``log_sigma``.
+    """The fractional (original) timestep of noise level ``log_sigma``: piecewise linear in log sigma between the steps
+    of the original chain (``schedule.chain_log_sigmas``, every step even of a respaced schedule, not only the kept
+    ones), clamped to its first and last step. Float32, the shape of ``log_sigma``.
 
     The network is called with it as with an integer timestep (its sinusoidal embedding takes any real t), as
     k-diffusion and DPM-Solver do for discrete-time models. :func:`log_sigma_at` is its inverse on the range.
     """
-    return jnp.interp(log_sigma, log_sigmas(schedule), schedule.timestep_map.astype(jnp.float32))
+    steps = jnp.arange(schedule.chain_log_sigmas.shape[0], dtype=jnp.float32)
+    return jnp.interp(log_sigma, schedule.chain_log_sigmas, steps)
 
 
 def log_sigma_at(schedule: Schedule, timesteps: jax.Array) -> jax.Array:
-    """The noise level log sigma of fractional (original) timesteps, piecewise linear between the schedule's steps:
-    the inverse of :func:`timestep_at`. An exact denoiser for a solver that calls it between steps reads its level
-    from here."""
-    grid = schedule.timestep_map.astype(jnp.float32)
-    return jnp.interp(jnp.asarray(timesteps, jnp.float32), grid, log_sigmas(schedule))
+    """The noise level log sigma of fractional (original) timesteps, piecewise linear between the steps of the
+    original chain: the inverse of :func:`timestep_at`. An exact denoiser for a solver that calls it between steps
+    reads its level from here."""
+    steps = jnp.arange(schedule.chain_log_sigmas.shape[0], dtype=jnp.float32)
+    return jnp.interp(jnp.asarray(timesteps, jnp.float32), steps, schedule.chain_log_sigmas)
 
 
 def truncated(schedule: Schedule, steps: int) -> Schedule:
     """The first ``steps`` steps of ``schedule`` (its lowest noise levels): a sampler run on it starts at step
-    ``steps - 1`` (SDEdit starts part-way down the chain this way).
+    ``steps - 1`` (SDEdit starts part-way down the chain this way). The original chain's levels stay whole.
 
     Raises:
       ValueError: ``steps`` outside [1, T].
     """
     if not 1 <= steps <= schedule.num_timesteps:
         raise ValueError(f"steps must lie in [1, {schedule.num_timesteps}], got {steps}.")
-    return jax.tree_util.tree_map(lambda a: a[:steps], schedule)
+    per_step = [f.name for f in dataclasses.fields(schedule) if f.name != "chain_log_sigmas"]
+    return dataclasses.replace(schedule, **{name: getattr(schedule, name)[:steps] for name in per_step})

@@ -29,7 +29,10 @@ class DiffusionConfig:
     """The forward process a network is trained on and what it learns (``config.diffusion``, field for field).
 
     ``beta_schedule``/``num_timesteps``/``beta_start``/``beta_end`` give the betas (the cosine schedule ignores the
-    range). ``loss_type``/``prediction``/``variance``/``weighting``/``snr_gamma``/``vb_weight`` are those of
+    range). A range of None is DDPM's, 1e-4 to 0.02, scaled by 1000/T for the linear schedule (improved DDPM's rule:
+    :func:`jaxdiff.schedules.beta_schedule`); a range given is used as given (a checkpoint of an earlier jaxdiff
+    stores DDPM's unscaled range, and samples on the chain it trained on).
+    ``loss_type``/``prediction``/``variance``/``weighting``/``snr_gamma``/``vb_weight`` are those of
     :func:`jaxdiff.losses.training_losses`. ``t_sampling='importance'`` draws t with probability proportional to
     sqrt(E[L_t^2]) over the last 10 losses at each t (Nichol & Dhariwal 2021, for training on the bound).
     ``label_dropout`` replaces a label by the null class with that probability (for classifier-free guidance).
@@ -37,8 +40,8 @@ class DiffusionConfig:
 
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    beta_start: float | None = None
+    beta_end: float | None = None
     loss_type: str = "simple"
     prediction: str = "eps"
     variance: str = "fixed_small"

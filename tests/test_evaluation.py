@@ -367,12 +367,15 @@ def test_the_training_time_fid_judges_fresh_ema_samples(tiny_model, digits, tmp_
     settings = experiment.run_config(config)
     fid = actions.make_fid(settings.evaluation, settings.data, model, parallel.make_mesh())
     got = fid(model.params, 7)
-    # The same figure from the parts: samples with seed 7, judged against the cached train statistics.
+    # The same figures from the parts: samples with seed 7, judged against the held-out test digits (the digits'
+    # judge), with the floor at the same N, the near-copies and the train-referenced distance.
     run = pipeline.make_sampler(model, "ddim", 3)
     images = pipeline.generate(model, run, 12, 8, seed=7)
-    reference = metrics.reference_stats(digits[2], DataConfig("digits", "train"), tmp_path, log=pytest.fail)
-    want = metrics.sample_quality(digits[2], images, reference)
-    assert got["fid"] == pytest.approx(want["fid"], rel=1e-5) and got["score"] == pytest.approx(want["score"])
+    (train_x, _), (test_x, _), clf = digits
+    want = metrics.HeldoutJudge(clf, train_x, test_x)(images)
+    for name in ("fid", "floor", "fid_train", "copy_share", "copy_median_ratio", "score"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+    assert "FD" in got["judge"](got) and "near-copies" in got["judge"](got)
     config.evaluation.fid_every = 0
     settings = experiment.run_config(config)
     assert actions.make_fid(settings.evaluation, settings.data, model, parallel.make_mesh()) is None

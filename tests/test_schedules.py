@@ -1,18 +1,43 @@
+import importlib
 import math
+import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
+from jaxdiff.pipeline import DiffusionConfig
+from jaxdiff.schedules import (
+    BETA_SCHEDULES,
+    MAX_FINAL_ALPHA_BAR,
+    Schedule,
+    beta_schedule,
+    log_sigma_at,
+    log_sigmas,
+    make_schedule,
+    respace,
+    respaced,
+    space_timesteps,
+    timestep_at,
+    truncated,
+)
 from tests.reference import cumulative_product
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", BETA_SCHEDULES)
-@pytest.mark.parametrize("T", [1, 2, 10, 1000])
+@pytest.mark.parametrize("T", [1, 2, 10, 21, 1000])
 def test_every_schedule_gives_T_betas_in_the_open_unit_interval(name, T):
-    betas = beta_schedule(name, T)
+    if name == "linear" and T <= 20:  # the default range scaled by 1000 / T would reach beta = 1
+        with pytest.raises(ValueError, match=r"needs T > 20.*num_timesteps > 20, the cosine schedule"):
+            beta_schedule(name, T)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The .* does not reach noise", UserWarning)  # short chains: tested below
+        betas = beta_schedule(name, T)
     assert betas.dtype == np.float64 and betas.shape == (T,)
     assert np.all((betas > 0) & (betas < 1))
     Schedule.from_betas(betas)  # accepted
@@ -83,7 +108,7 @@ def test_schedule_coefficients_against_float64_reference():
 def test_schedule_is_a_pytree_that_jit_accepts():
     sched = make_schedule("cosine", 50)
     leaves, treedef = jax.tree_util.tree_flatten(sched)
-    assert len(leaves) == 18 and all(leaf.shape == (50,) for leaf in leaves)
+    assert len(leaves) == 19 and all(leaf.shape == (50,) for leaf in leaves)
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
     assert rebuilt.num_timesteps == 50
     got = jax.jit(lambda s, t: s.alphas_cumprod[t] * s.num_timesteps)(sched, 7)
@@ -138,12 +163,102 @@ def test_bad_schedule_input_raises_clear_errors():
     with pytest.raises(ValueError, match="timestep_map"):
         Schedule.from_betas([0.1, 0.2], timestep_map=[0])
     with pytest.raises(ValueError, match="distinct"):
-        respace(beta_schedule("linear", 10), [0, 3, 3])
+        respace(beta_schedule("cosine", 10), [0, 3, 3])
     with pytest.raises(ValueError, match="distinct"):
-        respace(beta_schedule("linear", 10), [0, 10])
+        respace(beta_schedule("cosine", 10), [0, 10])
     with pytest.raises(ValueError, match="num_steps"):
         space_timesteps(10, 11)
     with pytest.raises(ValueError, match="num_steps"):
         space_timesteps(10, 0)
     with pytest.raises(ValueError, match="Unknown spacing"):
         space_timesteps(10, 5, "log")
+
+
+# ---------------------------------------------------------------------------- the linear schedule at any T (issue #31)
+
+
+def test_the_linear_schedule_at_T_1000_is_ddpm_s_bit_for_bit():
+    """The paper's weights and diffusers' configs rest on DDPM's 1e-4 .. 0.02 over 1000 steps: the 1000 / T rule must
+    leave it unchanged to the last bit, by default and with the range given."""
+    ddpm = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # the formula before the rule
+    np.testing.assert_array_equal(beta_schedule("linear", 1000), ddpm)
+    np.testing.assert_array_equal(beta_schedule("linear", 1000, beta_start=1e-4, beta_end=0.02), ddpm)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(make_schedule("linear", 1000)),
+        jax.tree_util.tree_leaves(Schedule.from_betas(ddpm)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("T", [50, 100, 250, 4000])
+def test_the_linear_schedule_follows_improved_ddpm_s_1000_over_T_rule(T):
+    """abar_T of the default linear schedule against improved DDPM's closed form, prod(1 - beta_t) with beta_t evenly
+    spaced from 1e-4 * 1000 / T to 0.02 * 1000 / T, in float64 here; the chain reaches noise at every T."""
+    scale = 1000.0 / T
+    closed = math.exp(math.fsum(np.log1p(-np.linspace(1e-4 * scale, 0.02 * scale, T))))
+    betas = beta_schedule("linear", T)
+    assert betas[0] == pytest.approx(0.1 / T, rel=1e-12) and betas[-1] == pytest.approx(20.0 / T, rel=1e-12)
+    assert float(np.prod(1.0 - betas)) == pytest.approx(closed, rel=1e-3)
+    assert float(make_schedule("linear", T).alphas_cumprod[-1]) == pytest.approx(closed, rel=1e-3)  # stored float32
+    assert closed < 1e-4  # sum(beta) ~ 10 at any T: abar_T ~ e^-10
+
+
+def test_a_range_given_is_used_as_given_and_a_chain_short_of_noise_warns():
+    """A diffusers scheduler config or a checkpoint states its range: it is not rescaled. DDPM's range unscaled at
+    T = 250 ends at abar_T = 0.08 (28% of the image's amplitude left): a warning that says what to do."""
+    with pytest.warns(UserWarning, match=r"linear schedule with T = 250 does not reach noise.*abar_T = 0\.0797.*Raise"):
+        betas = beta_schedule("linear", 250, beta_start=1e-4, beta_end=0.02)
+    np.testing.assert_array_equal(betas, np.linspace(1e-4, 0.02, 250))
+    with pytest.warns(UserWarning, match="constant schedule with T = 100 does not reach noise"):
+        make_schedule("constant", 100)  # the other schedules keep DDPM's range at any T
+    with pytest.warns(UserWarning, match="does not reach noise"):
+        DiffusionConfig(num_timesteps=100, beta_start=1e-4, beta_end=0.02).betas()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        beta_schedule("linear", 500, beta_start=1e-4, beta_end=0.04)  # abar_T = 4e-5: no warning
+        beta_schedule("cosine", 20)
+    assert (
+        np.prod(1.0 - np.linspace(1e-4, 0.02, 250)) > MAX_FINAL_ALPHA_BAR > np.prod(1.0 - beta_schedule("linear", 250))
+    )
+    with pytest.raises(ValueError, match=r"ends at beta = 1 >= 1 .*T = 20"):
+        beta_schedule("linear", 20)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem != "__init__"))
+def test_every_shipped_config_s_chain_reaches_noise_without_a_warning(name):
+    """The chain each config trains and samples on, built as training builds it (its DiffusionConfig's betas)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        betas = DiffusionConfig(**config.diffusion.to_dict()).betas()
+    assert np.prod(1.0 - betas) <= MAX_FINAL_ALPHA_BAR
+
+
+# -------------------------------------------------------------- the original chain of a respaced schedule (issue #31)
+
+
+def test_a_respaced_schedule_reads_levels_between_its_steps_along_its_whole_chain():
+    """Issue #31's case: Karras et al.'s grid of 10 steps keeps 102 and 301; 1.2 times step 102's sigma lies at the
+    whole chain's timestep 121.9 (interpolating between the kept steps gave 130.5)."""
+    betas = beta_schedule("linear", 1000)
+    full, short = make_schedule("linear", 1000), respaced(betas, 10, "karras")
+    kept = np.asarray(short.timestep_map)
+    assert 102 in kept and 301 in kept
+    np.testing.assert_array_equal(short.chain_log_sigmas, full.chain_log_sigmas)
+    np.testing.assert_array_equal(truncated(short, 4).chain_log_sigmas, full.chain_log_sigmas)  # kept whole
+    np.testing.assert_allclose(full.chain_log_sigmas, log_sigmas(full), rtol=1e-6, atol=1e-6)
+    abar = cumulative_product(1.0 - betas)
+    level = math.log(1.2) + 0.5 * math.log((1.0 - abar[102]) / abar[102])
+    assert float(timestep_at(short, level)) == pytest.approx(121.93, abs=0.01)
+    levels = jnp.linspace(float(log_sigmas(full)[0]), float(log_sigmas(full)[-1]), 501)
+    np.testing.assert_array_equal(jax.jit(timestep_at)(short, levels), timestep_at(full, levels))
+    times = jnp.linspace(0.0, 999.0, 333)
+    np.testing.assert_array_equal(jax.jit(log_sigma_at)(short, times), log_sigma_at(full, times))
+    # Without its chain (timestep_map alone), a schedule knows only its kept steps: the old interpolation, 130.5.
+    alone = Schedule.from_betas(np.asarray(short.betas, np.float64), timestep_map=kept)
+    assert float(timestep_at(alone, level)) == pytest.approx(130.5, abs=0.1)
+    with pytest.raises(ValueError, match="chain_betas do not give the schedule's abar"):
+        Schedule.from_betas(1.0 - abar[kept] / np.r_[1.0, abar[kept][:-1]], kept, beta_schedule("cosine", 1000))
+    with pytest.raises(ValueError, match="must index the chain's 500 steps"):
+        Schedule.from_betas([0.1, 0.2], [0, 700], beta_schedule("cosine", 500))

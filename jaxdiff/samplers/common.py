@@ -111,8 +111,9 @@ def predictions_between_steps(
     schedule: Schedule, model_fn: ModelFn, x: jax.Array, log_sigma: jax.Array, *, prediction: str, variance: str
 ) -> tuple[jax.Array, jax.Array]:
     """(x_0, eps) of the network at noise level ``log_sigma`` (a scalar; sigma = sqrt((1 - abar) / abar)), which may
-    lie between the schedule's steps: the network is called with the level's fractional timestep
-    (:func:`jaxdiff.schedules.timestep_at`). For solvers that leave the grid (Heun's churn, the likelihood ODE)."""
+    lie between the schedule's steps: the network is called with the level's fractional timestep along the original
+    chain, even for a respaced schedule (:func:`jaxdiff.schedules.timestep_at`). For solvers that leave the grid
+    (Heun's churn, the likelihood ODE)."""
     alpha_bar = jax.nn.sigmoid(-2.0 * log_sigma)  # 1 / (1 + sigma^2)
     out = model_fn(x, jnp.full((x.shape[0],), timestep_at(schedule, log_sigma)))
     pred, _ = diffusion.split_model_output(out, x, variance)

@@ -25,18 +25,42 @@ __all__ = ["THIRD_ORDER_FORMS", "dpm_solver_sample", "heun_sample"]
 THIRD_ORDER_FORMS = ("exact", "reference")
 
 
+#: Below this step h, :func:`_phi2` and :func:`_phi3` sum their series (``_PHI_SERIES_TERMS`` terms); from it on they
+#: use the closed form. Measured in float32 against 40-digit closed forms on 4,001 points of [1e-4, 5]: the closed
+#: forms cancel for small h (relative error 1.5e-6 for phi_2 at h ~ 0.3, 1.0e-6 for phi_3 at h ~ 0.7, 3e-7 at h = 1)
+#: and come down to ~1.5e-7 from h ~ 1.5, where 11 terms of the series are still within 1.4e-7 (5 terms up to h = 0.5
+#: were 1.4e-5 off). Together: 1.2e-7 (phi_2) and 1.8e-7 (phi_3) at most.
+_PHI_SERIES_BELOW = 1.5
+_PHI_SERIES_TERMS = 11
+
+
+def _alternating_series(h: jax.Array, shift: int) -> jax.Array:
+    """sum_{k=1}^{n} (-1)^(k+1) h^k / (k + shift)! with n = ``_PHI_SERIES_TERMS``, by Horner's rule."""
+    acc = jnp.zeros_like(h)
+    for k in range(_PHI_SERIES_TERMS, 0, -1):
+        acc = (-1) ** (k + 1) / math.factorial(k + shift) + h * acc
+    return h * acc
+
+
 def _phi2(h: jax.Array) -> jax.Array:
-    """(h - 1 + e^-h) / h, by its series below h = 0.5 (the direct form cancels in float32 there)."""
-    series = h / 2 - h**2 / 6 + h**3 / 24 - h**4 / 120 + h**5 / 720
-    safe = jnp.maximum(h, 0.5)
-    return jnp.where(h < 0.5, series, (safe + jnp.expm1(-safe)) / safe)
+    """phi_2(h) = (h - 1 + e^-h) / h = sum_{k>=1} (-1)^(k+1) h^k / (k+1)!, for h >= 0.
+
+    The series below ``_PHI_SERIES_BELOW``, the closed form from it on: within 2e-7 relative in float32 (measured over
+    [1e-4, 5]; never differentiated). Each branch sees an input clamped to its own range, so neither makes an inf or a
+    NaN, even at h = 0.
+    """
+    small = jnp.minimum(h, _PHI_SERIES_BELOW)
+    large = jnp.maximum(h, _PHI_SERIES_BELOW)
+    return jnp.where(h < _PHI_SERIES_BELOW, _alternating_series(small, 1), 1 + jnp.expm1(-large) / large)
 
 
 def _phi3(h: jax.Array) -> jax.Array:
-    """(h^2 - 2h + 2 - 2e^-h) / (2h^2), by its series below h = 0.5."""
-    series = h / 6 - h**2 / 24 + h**3 / 120 - h**4 / 720 + h**5 / 5040
-    safe = jnp.maximum(h, 0.5)
-    return jnp.where(h < 0.5, series, (safe**2 - 2 * safe - 2 * jnp.expm1(-safe)) / (2 * safe**2))
+    """phi_3(h) = (h^2 - 2h + 2 - 2e^-h) / (2h^2) = sum_{k>=1} (-1)^(k+1) h^k / (k+2)!, for h >= 0: the series below
+    ``_PHI_SERIES_BELOW``, the closed form from it on, as :func:`_phi2`."""
+    small = jnp.minimum(h, _PHI_SERIES_BELOW)
+    large = jnp.maximum(h, _PHI_SERIES_BELOW)
+    closed = (large / 2 - 1 - jnp.expm1(-large) / large) / large  # the closed form divided through: no h^2 to overflow
+    return jnp.where(h < _PHI_SERIES_BELOW, _alternating_series(small, 2), closed)
 
 
 def dpm_solver_sample(
@@ -149,8 +173,9 @@ def heun_sample(
     stochastic churn: at a level sigma_i in [``s_tmin``, ``s_tmax``] the step first raises the noise to
     sigma^ = sigma_i (1 + gamma), gamma = min(``s_churn`` / N, sqrt(2) - 1), by adding fresh noise of standard deviation
     ``s_noise`` sqrt(sigma^2 - sigma_i^2) (from ``fold_in(key, t)``), then solves from sigma^. The network is called at
-    sigma^ with the fractional timestep :func:`jaxdiff.schedules.timestep_at`; sigma^ is capped at the schedule's top
-    level. ``s_churn = 0`` (the default) is the deterministic solver.
+    sigma^ with the fractional timestep :func:`jaxdiff.schedules.timestep_at` gives, read along the original chain
+    (every step of it, not only those a respaced schedule kept); sigma^ is capped at the schedule's top level.
+    ``s_churn = 0`` (the default) is the deterministic solver.
     """
     if not (s_churn >= 0 and s_noise >= 0 and s_tmin <= s_tmax):
         raise ValueError(
