@@ -32,6 +32,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxdiff import launch
+from jaxdiff.diffusion import VARIANCES
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.xla_flags import use_fast_cpu_convolutions
 
@@ -52,6 +53,13 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer(
     "image_size", None, "--checkpoint of the DDPM release with an architecture none of the published ones: its size."
+)
+flags.DEFINE_enum(
+    "variance",
+    None,
+    list(VARIANCES),
+    "--checkpoint of the DDPM release: the reverse variance, which must fit the network's output channels (default: "
+    "read off them; C: the published model's, else fixed_large; 2C: Ho's learned log-variance).",
 )
 flags.DEFINE_integer("num_samples", 64, "How many images.")
 flags.DEFINE_integer(

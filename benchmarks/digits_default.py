@@ -4,10 +4,11 @@
 
 For each seed in ``--seeds``: trains ``python train.py --config=configs/digits.py --config.seed=S`` into
 ``--workdir/seedS`` (the quickstart's command, timed; a finished run is reused and not timed again), then draws
-``--num_samples`` images of its EMA model each way in ``--ways`` (sampling seed 0) and judges them with
-:class:`jaxdiff.metrics.HeldoutJudge`: the digits classifier's Fréchet distance to the 297 test digits, which no run
-trains on, against the real-data floor at the same N (N real training digits, 10 draws, with their spread); the
-share of near-copies of training digits; the classifier score; and the train-referenced distance, for comparison.
+``--num_samples`` images of its EMA model each way in ``--ways`` (sampling seed ``--sample_seed``, 0) and judges
+them with :class:`jaxdiff.metrics.HeldoutJudge`: the digits classifier's Fréchet distance to the 297 test digits,
+which no run trains on, against the real-data floor at the same N (N real training digits, 30 draws, with their
+spread); the share of near-copies of training digits; the classifier score; and the train-referenced distance, for
+comparison.
 
 A way is ``name=sampler[:steps[:eta[:autoguidance[:spacing[:variance]]]]]``: steps 0 is all T, autoguidance ``run``
 is the run's own default for that sampler (``config.sampling``), a number that scale by the run's guide; spacing and
@@ -67,15 +68,15 @@ def train(config: str, workdir: str, seed: int, overrides: list[str]) -> float |
     return seconds
 
 
-def judge_way(workdir: str, way: dict, num_samples: int, judge) -> dict:
-    """Draw ``num_samples`` images (sampling seed 0) of the run in ``workdir`` one way and judge them."""
+def judge_way(workdir: str, way: dict, num_samples: int, judge, seed: int = 0) -> dict:
+    """Draw ``num_samples`` images (sampling seed ``seed``) of the run in ``workdir`` one way and judge them."""
     pipe = pipeline.from_workdir(workdir, autoguidance=way["autoguidance"], sampler=way["sampler"])
     if way["variance"]:
         pipe = dataclasses.replace(pipe, variance=way["variance"])
     run = pipeline.make_sampler(pipe, way["sampler"], way["steps"], way["eta"], way["spacing"])
     labels = pipeline.labels_for(num_samples, pipe.num_classes, None)  # what generate draws: the classes in turn
     start = time.perf_counter()
-    images = pipeline.generate(pipe, run, num_samples, num_samples, seed=0)  # the classes in turn, if conditional
+    images = pipeline.generate(pipe, run, num_samples, num_samples, seed=seed)  # the classes in turn, if conditional
     seconds = time.perf_counter() - start
     result = judge(images, labels)
     result["seconds"] = seconds
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/digits_seeds", help="the runs go in WORKDIR/seedS")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--num_samples", type=int, default=900)
+    parser.add_argument("--sample_seed", type=int, default=0, help="the sampling seed (image i: fold_in(key(seed), i))")
     parser.add_argument("--ways", default=DEFAULT_WAYS, help="comma-separated name=sampler:steps:eta:autoguidance")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*", help="--config.x=y overrides for train.py (after --)")
@@ -134,7 +136,7 @@ def main() -> None:
             data = pipeline.from_workdir(workdir).data
             judge = metrics.heldout_judge(features.make_extractor("digits", data), data)
         for name, way in ways.items():
-            result = judge_way(workdir, way, args.num_samples, judge)
+            result = judge_way(workdir, way, args.num_samples, judge, args.sample_seed)
             rows.append(dict(seed=seed, way=name, **way, **result))
             print(f"seed {seed}  {name:14s} {judge.summary(result)} ({result['seconds']:.0f} s)", flush=True)
 

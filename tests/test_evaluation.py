@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -335,11 +336,23 @@ def test_sample_py_evaluates_bpd_and_fid_and_refuses_bad_requests(tiny_model, di
     assert fid.returncode == 0, fid.stderr[-3000:]
     result = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert result["num_samples"] == 40 and result["features"].startswith("digits-classifier")
-    assert list((tmp_path / "cache" / "fid_stats").glob("*.npz"))
-    clf = digits[2]
-    reference = metrics.reference_stats(clf, DataConfig("digits", "train"), tmp_path / "cache", log=pytest.fail)
+    # The digits are judged against their held-out test split, with the floor and the near-copies on one line.
+    (train_x, _), (test_x, _), clf = digits
+    want = metrics.HeldoutJudge(clf, train_x, test_x)(samples)
     # (sample.py runs with the fast CPU convolution flag, so the float32 features differ in the last digits)
-    assert result["fid"] == pytest.approx(metrics.sample_quality(clf, samples, reference)["fid"], rel=1e-4)
+    for key in ("fid", "floor", "fid_train", "score"):
+        assert result[key] == pytest.approx(want[key], rel=1e-4), key
+    assert result["copy_share"] == want["copy_share"] and result["reference_num"] == 297
+    assert "digits test split" in result["reference"]
+    assert re.search(r"FD [0-9.]+ to the digits test split, [0-9.]+x the real-data floor .* near-copies", fid.stdout)
+    # --split=train asks for the former figure: the distance to the (cached) train split's statistics.
+    train_fid = run("--eval=fid", f"--samples={tmp_path / 's.npz'}", "--split=train", f"--out={tmp_path / 'fidt'}")
+    assert train_fid.returncode == 0, train_fid.stderr[-3000:]
+    by_train = json.loads((tmp_path / "fidt" / "fid.json").read_text())
+    assert list((tmp_path / "cache" / "fid_stats").glob("*.npz"))
+    reference = metrics.reference_stats(clf, DataConfig("digits", "train"), tmp_path / "cache", log=pytest.fail)
+    assert by_train["fid"] == pytest.approx(metrics.sample_quality(clf, samples, reference)["fid"], rel=1e-4)
+    assert by_train["fid"] == pytest.approx(want["fid_train"], rel=1e-4)
 
     no_weights = run("--eval=fid", "--features=inception", f"--inception_weights={tmp_path / 'w.pth'}")
     assert no_weights.returncode == 2 and "pt_inception-2015-12-05" in no_weights.stderr

@@ -251,8 +251,11 @@ def test_sample_py_on_two_processes_equals_one_process_and_a_seed_gives_the_same
     two, one = (json.loads((tmp_path / run / "ode" / "ode_bpd.json").read_text()) for run in ("pod", "one"))
     np.testing.assert_allclose(two["per_image"], one["per_image"], rtol=1e-5)
     two, one = (json.loads((tmp_path / run / "fid" / "fid.json").read_text()) for run in ("pod", "one"))
-    for key in ("fid", "score", "cond_accuracy"):
+    # The digits' held-out judge: the distance to the test split, its floor, the near-copies, the per-class figures.
+    for key in ("fid", "score", "cond_accuracy", "floor", "fid_train", "copy_share", "copy_median_ratio"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    for k, value in one["fid_per_class"].items():
+        assert two["fid_per_class"][k] == pytest.approx(value, rel=1e-5), k
 
     images = {name: np.load(tmp_path / f"draw_{name}.npy") for name in ("single", "eight", "pod")}
     assert images["single"].shape == (16, 8, 8, 1) and images["single"].std() > 0.1

@@ -9,17 +9,23 @@ mapping and the padding semantics independently of jaxdiff's import code.
 import math
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import commands, pipeline
+from jaxdiff import commands, diffusion, pipeline
 from jaxdiff.models import UNet, release
+from tests.helpers import ROOT
 
 # A small configuration of Ho's UNet: 8x8 RGB, two levels (32, 64 channels), one block per level, attention at 4x4.
 SMALL = dict(image_size=8, in_ch=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
 GROUPS, EPS = 32, 1e-6
+# Ho's learned variance (diffusion_utils_2.py, model_var_type 'learned'): 2C outputs, eps then the log-variance. One
+# level, no attention: the smallest network that has every kind of variable the output layer needs.
+LEARNED = dict(image_size=8, in_ch=3, ch=32, ch_mult=(1,), num_res_blocks=1, attn_levels=(), out_ch=6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,6 +322,77 @@ def test_sample_py_draws_from_a_tf1_checkpoint_with_either_weights(small_release
             drawn[ema] = f["arr_0"]
     assert drawn[True].shape == (4, 8, 8, 3)
     assert np.any(drawn[True] != drawn[False])  # same seed, other weights
+
+
+@pytest.fixture(scope="module")
+def learned_release(tmp_path_factory):
+    """A training checkpoint of a network with Ho's learned variance: 6 output channels (eps, then log sigma^2)."""
+    weights = random_weights(release_shapes(**LEARNED), seed=3)
+    prefix = training_checkpoint(tmp_path_factory.mktemp("learned") / "model.ckpt-1000", weights, weights)
+    return prefix, weights
+
+
+def hos_learned_p(out, x, t, betas):
+    """Ho's p(x_{t-1} | x_t) for eps prediction, a learned variance and clipping, in float64 NumPy from the network's
+    output ``out`` [B, H, W, 2C]: (mean, variance), the variance exp(out[..., C:])."""
+    eps, log_var = np.split(np.asarray(out, np.float64), 2, axis=-1)
+    alphas_cumprod = np.cumprod(1 - betas)
+    prev = np.append(1.0, alphas_cumprod[:-1])
+    a, a_prev, beta = (v[t][:, None, None, None] for v in (alphas_cumprod, prev, betas))
+    x0 = np.clip(np.sqrt(1 / a) * x - np.sqrt(1 / a - 1) * eps, -1, 1)
+    mean = beta * np.sqrt(a_prev) / (1 - a) * x0 + (1 - a_prev) * np.sqrt(1 - beta) / (1 - a) * x
+    return mean, np.exp(log_var)
+
+
+def test_a_learned_variance_checkpoint_reads_its_log_variance_as_hos_code_does(learned_release):
+    prefix, weights = learned_release
+    pipe = pipeline.from_checkpoint(prefix, image_size=8)
+    assert pipe.variance == "learned" and "custom architecture" in pipe.source
+    x, t = inputs()
+    out = pipe.apply_fn(pipe.params, jnp.asarray(x), jnp.asarray(t), None)
+    reference = tf_forward(weights, x, t, **LEARNED)  # Ho's network in TF ops: [B, 8, 8, 6]
+    assert out.shape == (3, 8, 8, 6) and relative_error(out, reference) < 1e-5
+    p = diffusion.p_mean_variance(
+        pipe.schedule, out, jnp.asarray(x), jnp.asarray(t), prediction="eps", variance=pipe.variance, clip_x0=True
+    )
+    mean, variance = hos_learned_p(reference, x, t, np.linspace(1e-4, 0.02, 1000))
+    np.testing.assert_allclose(np.asarray(p.variance), variance, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(p.log_variance), np.log(variance), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(p.mean), mean, atol=1e-4)
+    assert np.ptp(np.log(variance)) > 1  # the variance is the network's, per pixel, not a schedule's constant
+    # improved DDPM's interpolation fits the same 6 channels when asked for; a fixed variance does not.
+    assert pipeline.from_checkpoint(prefix, image_size=8, variance="learned_range").variance == "learned_range"
+    with pytest.raises(ValueError, match=r"^variance 'fixed_large' does not fit.*6 output channels.*learned or "):
+        pipeline.from_checkpoint(prefix, image_size=8, variance="fixed_large")
+    three = {**weights, "model/conv_out/W": weights["model/conv_out/W"][..., :3], "model/conv_out/b": np.zeros(3)}
+    with pytest.raises(ValueError, match=r"'learned' does not fit.*3 output channels are eps only.*fixed_small or "):
+        release.infer_config(three, image_size=8, variance="learned")
+    four = {**weights, "model/conv_out/W": weights["model/conv_out/W"][..., :4]}
+    with pytest.raises(ValueError, match=r"conv_out has 4 output channels for 3 image channels"):
+        release.infer_config(four, image_size=8)
+    with pytest.raises(ValueError, match="--variance applies to --checkpoint"):
+        commands.SampleRequest(workdir="run", variance="learned")
+    with pytest.raises(ValueError, match=r"a diffusers model samples with its scheduler_config\.json's variance_type"):
+        pipeline.from_checkpoint("google/ddpm-cifar10-32", variance="learned")  # refused before any download
+
+
+def test_sample_py_samples_a_learned_variance_checkpoint_and_refuses_a_variance_that_does_not_fit(
+    learned_release, tmp_path, subprocess_env
+):
+    prefix, _ = learned_release
+    command = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={prefix}", "--image_size=8", "--num_samples=2"]
+    run = lambda *extra: subprocess.run(
+        [*command, *extra], env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
+    drawn = run("--batch_size=2", "--sampler=ddpm", "--steps=4", f"--out={tmp_path / 'out'}")
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    with np.load(tmp_path / "out" / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+    refused = run("--variance=fixed_large", f"--out={tmp_path / 'refused'}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert lines[-1].startswith("sample.py: variance 'fixed_large' does not fit this network")
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
 
 
 def test_the_published_architectures_map_every_parameter_to_one_release_variable():

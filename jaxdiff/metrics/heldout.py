@@ -86,7 +86,7 @@ def copy_measure(sample_distances: np.ndarray, heldout_distances: np.ndarray, qu
 
 
 def real_data_floor(
-    train_features: np.ndarray, reference: FeatureStats, n: int, draws: int = 10, seed: int = 0
+    train_features: np.ndarray, reference: FeatureStats, n: int, draws: int = 30, seed: int = 0
 ) -> tuple[float, float]:
     """``(mean, std)`` over ``draws`` of the Fréchet distance of ``n`` real training feature vectors to
     ``reference`` (the held-out split's): what real data scores at the samples' ``n``.
@@ -125,7 +125,7 @@ class HeldoutJudge:
         heldout_images: np.ndarray,
         train_labels: np.ndarray | None = None,
         heldout_labels: np.ndarray | None = None,
-        floor_draws: int = 10,
+        floor_draws: int = 30,
         name: str = "held-out",
     ):
         self.extractor, self.floor_draws, self.name = extractor, floor_draws, name
@@ -214,7 +214,7 @@ class HeldoutJudge:
 HELDOUT_SPLITS = {"digits": "test"}
 
 
-def heldout_judge(extractor, data, split: str | None = None, floor_draws: int = 10) -> HeldoutJudge:
+def heldout_judge(extractor, data, split: str | None = None, floor_draws: int = 30) -> HeldoutJudge:
     """The :class:`HeldoutJudge` of dataset ``data`` (a DataConfig): its train split against ``split`` (by default
     :data:`HELDOUT_SPLITS`' entry), with the labels of both when the extractor's classes are the dataset's."""
     import dataclasses

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff.diffusion import LEARNED_VARIANCES, VARIANCES, check_choice
 from jaxdiff.models.convert import check_all_matched, param_shapes
 from jaxdiff.models.unet import UNetConfig
 
@@ -49,6 +50,7 @@ __all__ = [
     "read_tf1_checkpoint",
     "release_name",
     "select_weights",
+    "variance_for_channels",
 ]
 
 #: The suffix of the EMA shadow variables in Ho et al.'s TF1 checkpoints.
@@ -150,17 +152,55 @@ def select_weights(variables: Mapping[str, np.ndarray], ema: bool = True) -> dic
     return {**{n: v for n, v in weights.items() if not n.startswith("model/")}, **shadows}
 
 
-def infer_config(weights: Mapping[str, np.ndarray], image_size: int | None = None) -> tuple[UNetConfig, str, str]:
+def variance_for_channels(out_channels: int, in_channels: int, variance: str | None, default: str) -> str:
+    """The reverse-process variance of a network with ``out_channels`` outputs for ``in_channels`` image channels.
+
+    ``C`` outputs are eps alone: a fixed variance (``variance``, or ``default``). ``2C`` are eps and a variance
+    output: Ho's ``learned`` unless ``variance`` says ``learned_range``. In Ho's ``diffusion_utils_2.py`` the second
+    half is the log-variance itself: log sigma_t^2 = out[..., C:], sigma_t^2 = exp(out[..., C:]) (jaxdiff's
+    ``learned``, :func:`jaxdiff.diffusion.p_mean_variance`).
+
+    Raises:
+      ValueError: an unknown ``variance``, or one the output channels do not fit (one line, saying what fits).
+    """
+    if variance is not None:
+        check_choice("variance", variance, VARIANCES)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(
+            f"The network's conv_out has {out_channels} output channels for {in_channels} image channels: a DDPM UNet "
+            f"outputs {in_channels} (eps, fixed variance) or {2 * in_channels} (eps and a learned log-variance)."
+        )
+    learned = out_channels == 2 * in_channels
+    if variance is None:
+        return "learned" if learned else default
+    if learned != (variance in LEARNED_VARIANCES):
+        fitting = LEARNED_VARIANCES if learned else tuple(v for v in VARIANCES if v not in LEARNED_VARIANCES)
+        outputs = "eps and a log-variance" if learned else "eps only"
+        raise ValueError(
+            f"variance {variance!r} does not fit this network: its {out_channels} output channels are {outputs}, "
+            f"which fit {' or '.join(fitting)}; pass one of those (sample.py --variance), or none to read it off them."
+        )
+    return variance
+
+
+def infer_config(
+    weights: Mapping[str, np.ndarray], image_size: int | None = None, variance: str | None = None
+) -> tuple[UNetConfig, str, str]:
     """The UNet of Ho's ``weights`` (:func:`select_weights`' output), its variance and which published model it is.
 
     Channels, levels, blocks and attention levels are read off the variables. The image size is not in them: a
     published architecture gives it; another needs ``image_size`` (its attention resolutions follow from it).
 
+    The variance is ``variance`` if given, else read off the output channels (:func:`variance_for_channels`): the
+    published model's for ``C`` outputs (``fixed_large`` for an unpublished architecture, as the CIFAR-10 model),
+    Ho's ``learned`` log-variance for ``2C``.
+
     Returns:
       ``(config, variance, name)``: ``name`` is a key of :data:`PUBLISHED`, or ``"custom"``.
 
     Raises:
-      ValueError: no ``model/conv_in/W``, or an architecture that is not a published one and no ``image_size``.
+      ValueError: no ``model/conv_in/W``, an architecture that is not a published one and no ``image_size``, or a
+        ``variance`` that the output channels do not fit.
     """
     if "model/conv_in/W" not in weights or "model/conv_out/W" not in weights:
         raise ValueError(
@@ -169,12 +209,13 @@ def infer_config(weights: Mapping[str, np.ndarray], image_size: int | None = Non
         )
     in_ch, ch = weights["model/conv_in/W"].shape[2:]
     out_ch = weights["model/conv_out/W"].shape[-1]
+    chosen = variance_for_channels(int(out_ch), int(in_ch), variance, "fixed_large")
     levels = 1 + max(int(m.group(1)) for n in weights if (m := re.match(r"model/down_(\d+)/", n)))
     blocks = 1 + max(int(m.group(1)) for n in weights if (m := re.match(r"model/down_0/block_(\d+)/", n)))
     mult = tuple(int(weights[f"model/down_{i}/block_0/conv1/W"].shape[-1]) // ch for i in range(levels))
     attn_levels = tuple(i for i in range(levels) if f"model/down_{i}/attn_0/q/W" in weights)
     found = dict(in_channels=int(in_ch), ch=int(ch), ch_mult=mult, num_res_blocks=blocks, learn_sigma=out_ch != in_ch)
-    for name, (published, variance) in PUBLISHED.items():
+    for name, (published, published_variance) in PUBLISHED.items():
         same = all(getattr(published, k) == v for k, v in found.items())
         levels_of = tuple(i for i, r in enumerate(published.resolutions) if r in published.attn_resolutions)
         if same and levels_of == attn_levels:
@@ -183,7 +224,7 @@ def infer_config(weights: Mapping[str, np.ndarray], image_size: int | None = Non
                     f"This is the published {name} architecture, trained at {published.image_size}x"
                     f"{published.image_size}; image_size={image_size} does not fit it."
                 )
-            return published, variance, name
+            return published, variance or published_variance, name
     if image_size is None:
         known = "; ".join(
             f"{n}: ch {c.ch}, ch_mult {c.ch_mult}, {c.num_res_blocks} blocks, attention at {c.attn_resolutions}"
@@ -191,11 +232,12 @@ def infer_config(weights: Mapping[str, np.ndarray], image_size: int | None = Non
         )
         raise ValueError(
             f"The checkpoint's architecture (ch {ch}, ch_mult {mult}, {blocks} blocks per level, attention at levels "
-            f"{attn_levels}) is none of the published ones ({known}). Pass image_size to import it anyway."
+            f"{attn_levels}, {out_ch} output channels) is none of the published ones ({known}). Pass image_size to "
+            "import it anyway."
         )
     attn = tuple(image_size // 2**i for i in attn_levels)
     config = UNetConfig(image_size=image_size, attn_resolutions=attn, dropout=0.0, **found)
-    return config, "fixed_large", "custom"
+    return config, chosen, "custom"
 
 
 def convert_release_weights(weights: Mapping[str, np.ndarray], config: UNetConfig) -> dict:
@@ -289,7 +331,7 @@ def local_release(name: str = "cifar10", directory: str | os.PathLike | None = N
 
 
 def load_release(
-    path: str | os.PathLike, ema: bool = True, image_size: int | None = None
+    path: str | os.PathLike, ema: bool = True, image_size: int | None = None, variance: str | None = None
 ) -> tuple[dict, UNetConfig, str, str, str]:
     """Load a released DDPM model: Ho's TF1 checkpoint (prefix or folder), or the PyTorch port's state dict file.
 
@@ -299,6 +341,8 @@ def load_release(
       ema: the TF1 checkpoint's EMA shadows (the paper's weights) or, False, its raw training variables. The port's
         files hold one set each (``ema_diffusion_*`` are the EMA ones); ``ema`` does not apply to them.
       image_size: only for an architecture that is none of :data:`PUBLISHED`.
+      variance: the reverse-process variance; None reads it off the output channels (:func:`infer_config`). It is
+        checked against them before any weight is converted.
 
     Returns:
       ``(params, config, variance, name, weights)``: ``name`` is the published model's (a key of :data:`PUBLISHED`)
@@ -319,6 +363,6 @@ def load_release(
         raise FileNotFoundError(
             f"{path} is neither a TF1 checkpoint (no {path}.index, no folder with a 'checkpoint' file) nor a file."
         )
-    config, variance, name = infer_config(weights, image_size)
+    config, variance, name = infer_config(weights, image_size, variance)
     params = convert_release_weights(weights, config)
     return params, config, variance, name, kind

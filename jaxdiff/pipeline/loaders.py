@@ -9,7 +9,7 @@ import json
 import os
 import pathlib
 
-from jaxdiff import checkpoints, samplers
+from jaxdiff import checkpoints, diffusion, samplers
 from jaxdiff.data.config import DataConfig
 from jaxdiff.models.unet import abstract_params, make_apply
 from jaxdiff.pipeline.base import Pipeline
@@ -165,6 +165,8 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
         beta_end=settings.get("beta_end", 0.02),
         prediction=chosen["prediction_type"],
         variance=chosen["variance_type"],
+        # what a learned variance is trained by (improved DDPM's hybrid loss); only fine-tuning reads it
+        loss_type="hybrid" if chosen["variance_type"] in diffusion.LEARNED_VARIANCES else "simple",
     )
     params, network = load_diffusers_unet(folder)
     spec = ModelSpec(network, process, clip_x0=bool(settings.get("clip_sample", True)))
@@ -175,32 +177,48 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
 DDPM_PROCESS = dict(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction="eps")
 
 
-def from_release(path: str | os.PathLike, ema: bool = True, image_size: int | None = None) -> Pipeline:
+def from_release(
+    path: str | os.PathLike, ema: bool = True, image_size: int | None = None, variance: str | None = None
+) -> Pipeline:
     """A model of the DDPM authors' release: a TF1 checkpoint (``.../model.ckpt-790000``; its EMA shadows, or with
     ``ema=False`` the raw weights) or the PyTorch port's state dict file (:func:`jaxdiff.models.release.load_release`).
 
     DDPM's chain (linear betas 1e-4 .. 0.02, T = 1000, eps prediction, clipping); the published CIFAR-10 model
-    samples with ``fixed_large``, the 256x256 ones with ``fixed_small``. The CIFAR-10 model's data is CIFAR-10 (so
-    ``--eval`` needs no ``--dataset``).
+    samples with ``fixed_large``, the 256x256 ones with ``fixed_small``; a network with twice the image channels out
+    with Ho's ``learned`` log-variance; ``variance`` chooses another that fits the channels
+    (:func:`jaxdiff.models.release.infer_config`). The CIFAR-10 model's data is CIFAR-10 (so ``--eval`` needs no
+    ``--dataset``).
     """
     from jaxdiff.models.release import load_release
 
-    params, network, variance, name, weights = load_release(path, ema, image_size)
+    params, network, variance, name, weights = load_release(path, ema, image_size, variance)
     data = DataConfig(dataset="cifar10", image_size=32) if name == "cifar10" else None
-    spec = ModelSpec(network, DiffusionConfig(**DDPM_PROCESS, variance=variance), clip_x0=True, data=data)
+    # Ho trains a learned variance on the bound alone (his loss_type 'kl'), eps on the simple loss: for fine-tuning
+    loss_type = "bound" if variance in diffusion.LEARNED_VARIANCES else "simple"
+    process = DiffusionConfig(**DDPM_PROCESS, variance=variance, loss_type=loss_type)
+    spec = ModelSpec(network, process, clip_x0=True, data=data)
     return from_spec(spec, params, f"{path} ({weights} weights, {name} architecture)")
 
 
 def from_checkpoint(
-    path: str | os.PathLike, download: bool = False, ema: bool = True, image_size: int | None = None
+    path: str | os.PathLike,
+    download: bool = False,
+    ema: bool = True,
+    image_size: int | None = None,
+    variance: str | None = None,
 ) -> Pipeline:
     """An imported model, whatever its format: Ho et al.'s TF1 checkpoint or the PyTorch port's file
-    (:func:`from_release`), else a diffusers folder or hub id (:func:`from_diffusers`)."""
+    (:func:`from_release`), else a diffusers folder or hub id (:func:`from_diffusers`). ``variance``: a release
+    model's, if its output channels fit it (None: read off them); a diffusers model's is its scheduler's."""
     from jaxdiff.models.release import is_tf1_checkpoint
 
     local = pathlib.Path(path).expanduser()
     if is_tf1_checkpoint(local) or local.is_file():
-        return from_release(local, ema, image_size)
+        return from_release(local, ema, image_size, variance)
     if not ema:
         raise ValueError(f"{path}: only a TF1 checkpoint holds raw and EMA weights side by side; drop --noema.")
+    if variance is not None:
+        raise ValueError(
+            f"{path}: a diffusers model samples with its scheduler_config.json's variance_type; drop --variance."
+        )
     return from_diffusers(path, download)
