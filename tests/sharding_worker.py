@@ -33,7 +33,7 @@ MOVES = ("all-gather", "all-to-all", "collective-permute")
 NET = UNetConfig(
     image_size=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_classes=10
 )
-spec = pipeline.ModelSpec(NET, pipeline.DiffusionConfig(num_timesteps=20), guidance=2.0)
+spec = pipeline.ModelSpec(NET, pipeline.DiffusionConfig(num_timesteps=20, beta_schedule="cosine"), guidance=2.0)
 params = init_params(NET, jax.random.key(0))
 pipe = pipeline.from_spec(spec, params, "sharding probe")
 
