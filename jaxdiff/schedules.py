@@ -46,7 +46,7 @@ DDPM_BETA_RANGE = (1e-4, 0.02)
 #: The largest abar_T of a chain that reaches noise: above it :func:`beta_schedule` warns. At abar_T = 1e-2,
 #: x_T = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps keeps 10% of the image's amplitude, so a sampler started from N(0, I)
 #: starts visibly off the chain's own x_T, and the prior term KL(q(x_T | x_0) || N(0, I)) =
-#: (abar_T x_0^2 - abar_T - log(1 - abar_T)) / 2 is ~5e-3 nats a dimension for |x_0| = 1, no longer negligible. The
+#: (abar_T x_0^2 - abar_T - log(1 - abar_T)) / 2 is ~5e-3 nats a dimension for x_0 = +-1, no longer negligible. The
 #: shipped configs' chains end 2 to 5 orders of magnitude below it (linear: 4.0e-5 at T = 1000, 2.0e-5 at T = 100 with
 #: the default range; cosine at T = 250: 3.9e-8).
 MAX_FINAL_ALPHA_BAR = 1e-2
