@@ -34,7 +34,7 @@ from jaxdiff.images import save_grid
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import sample_quality
-from jaxdiff.metrics.heldout import HELDOUT_SPLITS, heldout_judge
+from jaxdiff.metrics.heldout import heldout_judge, uses_heldout_judge
 from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.spec import ModelSpec
@@ -54,7 +54,6 @@ __all__ = [
     "fid_action",
     "make_fid",
     "sample_grid",
-    "uses_heldout_judge",
 ]
 
 
@@ -311,12 +310,6 @@ def make_fid(
         return {**quality_of(images), "features": extractor.name, "note": note}
 
     return fid
-
-
-def uses_heldout_judge(data: DataConfig, extractor) -> bool:
-    """Whether samples of ``data`` under ``extractor`` are judged against a held-out split
-    (:data:`~jaxdiff.metrics.heldout.HELDOUT_SPLITS`: the digits, by a classifier of their own classes)."""
-    return data.dataset in HELDOUT_SPLITS and getattr(extractor, "classifies", False)
 
 
 #: What the FID action writes to TensorBoard (``eval/<name>``), where the result has it.

@@ -19,13 +19,13 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import actions, evaluation, images, parallel, pipeline
+from jaxdiff import evaluation, images, parallel, pipeline
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import load_split
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import load_precomputed_stats, sample_quality
-from jaxdiff.metrics.heldout import HELDOUT_SPLITS, HeldoutJudge, heldout_judge
+from jaxdiff.metrics.heldout import HELDOUT_SPLITS, HeldoutJudge, heldout_judge, uses_heldout_judge
 from jaxdiff.metrics.reference import class_reference_stats, reference_stats
 from jaxdiff.pipeline import Pipeline
 
@@ -329,7 +329,7 @@ def fid_reference(pipe: Pipeline, request: SampleRequest):
         stats = load_precomputed_stats(request.reference_stats, extractor.dim)
         return extractor, stats, request.reference_stats, None
     heldout = HELDOUT_SPLITS.get(data.dataset)
-    if request.split in (None, heldout) and actions.uses_heldout_judge(data, extractor):
+    if request.split in (None, heldout) and uses_heldout_judge(data, extractor):
         judge = heldout_judge(extractor, dataclasses.replace(data, split="train"), heldout)
         return extractor, judge, f"the {judge.name} split (held out; {judge.num_heldout} images)", None
     per_class = None

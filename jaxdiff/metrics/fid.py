@@ -25,7 +25,7 @@ import numpy as np
 from jaxdiff.logs import is_main_process
 
 __all__ = ["FeatureStats", "feature_stats", "frechet_distance", "inception_score", "load_precomputed_stats"]
-__all__ += ["sample_quality"]
+__all__ += ["features_quality", "sample_quality"]
 
 
 class FeatureStats(NamedTuple):
@@ -166,11 +166,27 @@ def sample_quality(
     settings).
     """
     features, probs = extractor(images)
-    result = {"fid": frechet_distance(feature_stats(features), reference), "num_samples": len(images)}
+    classifies = getattr(extractor, "classifies", False)
+    return features_quality(features, probs, reference, splits, labels, class_reference, classifies)
+
+
+def features_quality(
+    features: np.ndarray,
+    probs: np.ndarray | None,
+    reference: FeatureStats,
+    splits: int | None = None,
+    labels: np.ndarray | None = None,
+    class_reference: dict[int, FeatureStats] | None = None,
+    classifies: bool = False,
+) -> dict:
+    """:func:`sample_quality` of features ``[N, D]`` and probabilities ``[N, K]`` (or None) already extracted;
+    ``classifies``: whether the probabilities are over the dataset's classes (then ``labels`` give
+    ``cond_accuracy``)."""
+    result = {"fid": frechet_distance(feature_stats(features), reference), "num_samples": len(features)}
     if probs is not None:
-        splits = splits or (10 if len(images) >= 10_000 else 1)
+        splits = splits or (10 if len(features) >= 10_000 else 1)
         result["score"], result["score_std"] = inception_score(probs, splits=splits)
-    if labels is not None and probs is not None and getattr(extractor, "classifies", False):
+    if labels is not None and probs is not None and classifies:
         labels = np.asarray(labels)
         result["cond_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
         if class_reference:

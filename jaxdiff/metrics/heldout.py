@@ -34,10 +34,10 @@ import warnings
 
 import numpy as np
 
-from jaxdiff.metrics.fid import FeatureStats, feature_stats, frechet_distance, inception_score
+from jaxdiff.metrics.fid import FeatureStats, feature_stats, features_quality, frechet_distance
 
 __all__ = ["COPY_QUANTILE", "HELDOUT_SPLITS", "HeldoutJudge", "copy_measure", "heldout_judge", "nearest_distances"]
-__all__ += ["real_data_floor"]
+__all__ += ["real_data_floor", "uses_heldout_judge"]
 
 #: A sample is a near-copy when it is nearer a training image than this share of held-out images is (1%).
 COPY_QUANTILE = 0.01
@@ -168,29 +168,15 @@ class HeldoutJudge:
         """
         images = np.asarray(images)
         features, probs = self.extractor(images)
-        stats = feature_stats(features)
-        n = len(images)
-        floor, floor_std = self.floor(n)
-        fid = frechet_distance(stats, self.reference)
-        result = {"fid": fid, "floor": floor, "floor_std": floor_std, "fid_ratio": fid / floor}
-        result["fid_train"] = frechet_distance(stats, self.train_reference)
+        classifies = getattr(self.extractor, "classifies", False)
+        result = features_quality(features, probs, self.reference, None, labels, self.class_reference, classifies)
+        floor, floor_std = self.floor(len(images))
+        result.update(floor=floor, floor_std=floor_std, fid_ratio=result["fid"] / floor)
+        result["fid_train"] = frechet_distance(feature_stats(features), self.train_reference)
         result.update(copy_measure(nearest_distances(images, self.train_images), self.heldout_distances))
-        result["num_samples"] = n
-        if probs is not None:
-            result["score"], result["score_std"] = inception_score(probs, splits=10 if n >= 10_000 else 1)
-        if labels is not None and probs is not None and getattr(self.extractor, "classifies", False):
-            labels = np.asarray(labels)
-            result["cond_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
-            if self.class_reference is not None:
-                per_class, floors = {}, {}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    for k, ref in sorted(self.class_reference.items()):
-                        mine = labels == k
-                        if mine.sum() >= 2:
-                            per_class[k] = frechet_distance(feature_stats(features[mine]), ref)
-                            floors[k] = self.floor(int(mine.sum()), k)[0]
-                result["fid_per_class"], result["floor_per_class"] = per_class, floors
+        if "fid_per_class" in result:  # each class's floor at its own count of samples
+            counts = {k: int(np.sum(np.asarray(labels) == k)) for k in result["fid_per_class"]}
+            result["floor_per_class"] = {k: self.floor(n, k)[0] for k, n in counts.items()}
         return result
 
     def summary(self, result: dict) -> str:
@@ -212,6 +198,12 @@ class HeldoutJudge:
 
 #: Datasets judged by :class:`HeldoutJudge` (by default, with the digits classifier): name -> held-out split.
 HELDOUT_SPLITS = {"digits": "test"}
+
+
+def uses_heldout_judge(data, extractor) -> bool:
+    """Whether samples of dataset ``data`` (a DataConfig) under ``extractor`` are judged against a held-out split
+    (:data:`HELDOUT_SPLITS`: the digits, by a classifier of their own classes)."""
+    return data.dataset in HELDOUT_SPLITS and getattr(extractor, "classifies", False)
 
 
 def heldout_judge(extractor, data, split: str | None = None, floor_draws: int = 30) -> HeldoutJudge:
