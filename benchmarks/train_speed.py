@@ -208,7 +208,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jaxdiff.experiment import run_config
 
-    digits = run_config(importlib.import_module("configs.digits").get_config()).network(1, None)
+    digits = run_config(importlib.import_module("jaxdiff.configs.digits").get_config()).network(1, None)
     results = {
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "digits_step_images_per_sec": step_images_per_sec(digits, 64, args.repeats),

@@ -92,7 +92,7 @@ def _digits():
 
     from jaxdiff.experiment import run_config
 
-    return run_config(importlib.import_module("configs.digits").get_config()).network(1, None)
+    return run_config(importlib.import_module("jaxdiff.configs.digits").get_config()).network(1, None)
 
 
 def jax_network(cfg, batch: int, with_grad: bool):

@@ -1,6 +1,6 @@
 """The DDPM paper's CIFAR-10 setting (Ho et al. 2020, appendix B): 35.7M parameters, 800k steps of batch 128."""
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

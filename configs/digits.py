@@ -16,7 +16,7 @@ unseen digits (1.11x -> 1.17x the real-data floor on seed 0), and it tripled the
 one override away (--config.sampling.autoguidance=1.5 --config.sampling.guide_step=1000).
 """
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

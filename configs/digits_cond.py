@@ -9,7 +9,7 @@ The null class (the "no label" input of the dropped labels and of guidance's sec
 network's label embedding has one row more than the dataset declares classes.
 """
 
-from configs import digits
+from jaxdiff.configs import digits
 
 
 def get_config():

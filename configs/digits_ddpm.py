@@ -5,7 +5,7 @@ eps prediction, 32 GroupNorm groups, attention at 4x4, 1,500 steps of 64). Kept 
     python train.py --config=configs/digits_ddpm.py --workdir=runs/digits_ddpm      # ~5 min 40 s on 2 CPU cores
 """
 
-from configs import digits
+from jaxdiff.configs import digits
 
 
 def get_config():

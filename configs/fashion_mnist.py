@@ -1,6 +1,6 @@
 """fashion_mnist at 28x28: the mnist setting on the other dataset."""
 
-from configs import mnist
+from jaxdiff.configs import mnist
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The DDPM paper's LSUN bedroom 256x256 setting: ch_mult (1,1,2,2,4,4), attention at 16x16, batch 64."""
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

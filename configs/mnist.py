@@ -1,6 +1,6 @@
 """mnist at 28x28 (28 = 7 x 2^2, so three levels: 28, 14, 7), ch 64, attention at 14x14."""
 
-from configs import default
+from jaxdiff.configs import default
 
 
 def get_config():

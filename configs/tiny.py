@@ -5,7 +5,7 @@ settings of configs/digits_ddpm.py), which the tests compare against; the digits
 are tested where they are named.
 """
 
-from configs import digits_ddpm
+from jaxdiff.configs import digits_ddpm
 
 
 def get_config():

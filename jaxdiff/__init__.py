@@ -7,6 +7,7 @@ network and the Pipeline are re-exported lazily: ``jaxdiff.UNet`` or ``jaxdiff.P
 
 import importlib
 
+from jaxdiff import _extras
 from jaxdiff.bound import (
     DECODERS,
     VariationalBound,
@@ -40,6 +41,8 @@ from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS, diffusion_loss, snr_weight, t
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
 
 __version__ = "0.2.0.dev0"
+
+_extras.install_if_needed()  # on a core install (no `train` extra), a module that needs the extra names it
 
 # Names that need Flax (the network) or the layers above the math (the Pipeline), imported on first use.
 _LAZY = {

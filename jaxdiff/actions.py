@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxdiff import checkpoints, evaluation, flops, parallel, pipeline
 from jaxdiff.data.config import DataConfig
+from jaxdiff.errors import JaxdiffError
 from jaxdiff.images import save_grid
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(JaxdiffError, RuntimeError):
     """The loss or the gradients became NaN/inf: the run stops; the state kept is the last finite one."""
 
 

@@ -36,6 +36,7 @@ from jaxdiff.diffusion import (
     q_posterior_mean_variance,
     q_sample,
 )
+from jaxdiff.errors import ConfigError
 from jaxdiff.schedules import Schedule
 
 #: The decoders of the reconstruction term L_0: DDPM's discretised Gaussian (8-bit data) or a plain Gaussian.
@@ -197,11 +198,11 @@ def variational_bound(
       VariationalBound in bits/dim (``.to_nats(num_dims)`` converts).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     check_choice("decoder", decoder, DECODERS)
     T, B = schedule.num_timesteps, x0.shape[0]
     if key_per_example(key) and key.shape[0] != B:
-        raise ValueError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
+        raise ConfigError(f"Got {key.shape[0]} keys for a batch of {B} examples; pass one key, or one per example.")
     chunk = min(chunk_size, T)
     num_chunks = -(-T // chunk)
     x0_rep = jnp.repeat(x0, chunk, axis=0)  # [B * chunk, ...], example-major

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from jaxdiff.errors import CheckpointError, MissingFileError
 from jaxdiff.parallel import make_mesh, process_verdicts, replicated, to_host
 
 __all__ = [
@@ -154,14 +155,14 @@ def check_restored(mngr: ocp.CheckpointManager, step: int, tree, prefix: str = "
         finite = finite and bool(np.isfinite(x).all())
         sums[jax.tree_util.keystr(path, simple=True, separator="/")] = _checksum(x)
     if not finite:
-        raise ValueError("it holds non-finite values")
+        raise CheckpointError("it holds non-finite values")
     if not (pathlib.Path(mngr.directory) / str(step) / "fingerprint").exists():
         return
     saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
     for path, value in sums.items():
         name = f"{prefix}/{path}" if prefix else path
         if saved.get(name) != value:
-            raise ValueError(f"its array {name} differs from the fingerprint saved with it (changed on disk)")
+            raise CheckpointError(f"its array {name} differs from the fingerprint saved with it (changed on disk)")
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -229,7 +230,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
       Each failure is also reported with a warning.
 
     Raises:
-      RuntimeError: checkpoints exist but none can be read (nothing is moved or deleted).
+      CheckpointError: checkpoints exist but none can be read (nothing is moved or deleted).
     """
     steps = _agreed_steps(mngr)
     target = abstract(target)
@@ -242,7 +243,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
             skipped.append((step, reason))
             warnings.warn(f"Cannot read the checkpoint at step {step} ({reason}); trying an older one.", stacklevel=2)
     if skipped:
-        raise RuntimeError(
+        raise CheckpointError(
             f"None of the {len(steps)} checkpoints in {mngr.directory} can be read, so the run cannot resume; nothing "
             "was moved or deleted. Move the damaged step directories away to start over, or point --workdir "
             "elsewhere.\n" + "\n".join(f"  step {s}: {r}" for s, r in skipped)
@@ -341,13 +342,13 @@ def load_for_sampling(
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``).
-      RuntimeError: no checkpoint can be read.
+      CheckpointError: no checkpoint can be read.
     """
     with _reader(workdir) as (mngr, steps):
         if step is not None:
             if step not in steps:
                 where = checkpoint_dir(workdir)
-                raise FileNotFoundError(f"No checkpoint at step {step} in {where}; it has {sorted(steps)}.")
+                raise MissingFileError(f"No checkpoint at step {step} in {where}; it has {sorted(steps)}.")
             steps = [step]
         failures = []
         for s in steps:
@@ -356,7 +357,7 @@ def load_for_sampling(
                 return read
             failures.append(f"  step {s}: {reason}")  # as in restore_latest: report, then try the one before
             warnings.warn(f"Cannot read the checkpoint at step {s} ({reason}).", stacklevel=2)
-        raise RuntimeError(f"No checkpoint in {checkpoint_dir(workdir)} can be read:\n" + "\n".join(failures))
+        raise CheckpointError(f"No checkpoint in {checkpoint_dir(workdir)} can be read:\n" + "\n".join(failures))
 
 
 def restore_config(workdir: str | os.PathLike) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 from jaxdiff import evaluation, images, parallel, pipeline
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import load_split
+from jaxdiff.errors import ConfigError
 from jaxdiff.logs import Progress, is_main_process, log
 from jaxdiff.metrics import features
 from jaxdiff.metrics.fid import load_precomputed_stats, sample_quality
@@ -104,31 +105,31 @@ class SampleRequest:
 
     def __post_init__(self):
         if (self.workdir is None) == (self.checkpoint is None):
-            raise ValueError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
+            raise ConfigError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
         if self.workdir is not None and (not self.ema or self.image_size is not None):
-            raise ValueError("--noema and --image_size apply to --checkpoint; a --workdir samples its EMA parameters.")
+            raise ConfigError("--noema and --image_size apply to --checkpoint; a --workdir samples its EMA parameters.")
         if self.workdir is not None and self.variance is not None:
-            raise ValueError("--variance applies to --checkpoint; a --workdir samples with the variance it trained.")
+            raise ConfigError("--variance applies to --checkpoint; a --workdir samples with the variance it trained.")
         if self.num_samples < 1:
-            raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}.")
+            raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}.")
         if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
-            raise ValueError("--samples and --reference_stats are for --eval=fid; add --eval=fid.")
+            raise ConfigError("--samples and --reference_stats are for --eval=fid; add --eval=fid.")
         if self.eval is not None and self.eval not in EVALS:
-            raise ValueError(f"--eval must be one of {EVALS}, got {self.eval!r}.")
+            raise ConfigError(f"--eval must be one of {EVALS}, got {self.eval!r}.")
         if (self.init_images is None) != (self.strength is None and self.mask is None):
-            raise ValueError(
+            raise ConfigError(
                 "--init_images are edited: add --strength (SDEdit) or --mask (inpainting); both need --init_images."
             )
         if self.init_images is not None and self.eval is not None:
-            raise ValueError("--init_images edits images; it does not combine with --eval.")
+            raise ConfigError("--init_images edits images; it does not combine with --eval.")
         if self.autoguidance not in (None, 0.0) and self.workdir is None:
-            raise ValueError(
+            raise ConfigError(
                 "--autoguidance guides a training run's model by its own earlier checkpoint: it needs --workdir."
             )
         if self.autoguidance not in (None, 0.0) and self.eval in BOUND_EVALS:
-            raise ValueError(f"--eval={self.eval} measures the network itself; drop --autoguidance.")
+            raise ConfigError(f"--eval={self.eval} measures the network itself; drop --autoguidance.")
         if self.eval_images is not None and self.eval_images < 1:
-            raise ValueError(f"--eval_images must be >= 1, got {self.eval_images}.")
+            raise ConfigError(f"--eval_images must be >= 1, got {self.eval_images}.")
 
     @property
     def sampling_steps(self) -> int | None:
@@ -226,7 +227,7 @@ def draw(
 def data_for(pipe: Pipeline, request: SampleRequest, split: str) -> DataConfig:
     """The dataset to evaluate on: the one the model was trained on, or ``--dataset/--split/--data_dir``."""
     if pipe.data is None and request.dataset is None:
-        raise ValueError(f"{pipe.source} does not say what it was trained on: pass --dataset (e.g. cifar10).")
+        raise ConfigError(f"{pipe.source} does not say what it was trained on: pass --dataset (e.g. cifar10).")
     data = pipe.data or DataConfig(dataset=request.dataset, image_size=pipe.image_shape[0])
     return dataclasses.replace(
         data,
@@ -345,9 +346,9 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
         with np.load(path) as f:
             loaded = f["arr_0"]
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not an .npz file with uint8 images under arr_0 ({e}).") from e
+        raise ConfigError(f"{path} is not an .npz file with uint8 images under arr_0 ({e}).") from e
     if loaded.dtype != np.uint8 or loaded.ndim != 4:
-        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {loaded.dtype} {loaded.shape}.")
+        raise ConfigError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {loaded.dtype} {loaded.shape}.")
     return loaded
 
 

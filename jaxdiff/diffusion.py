@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.schedules import Schedule
 
 #: A JAX array.
@@ -97,7 +98,7 @@ def __getattr__(name: str):
 def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
     """Raise a ValueError naming ``what`` and the allowed values unless ``value`` is one of them."""
     if value not in allowed:
-        raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(allowed)}.")
+        raise ConfigError(f"Unknown {what} {value!r}; choose one of {', '.join(allowed)}.")
 
 
 def key_per_example(key: Array) -> bool:
@@ -122,7 +123,7 @@ def normal_noise(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array
     if not key_per_example(key):
         return jax.random.normal(key, shape, dtype)
     if key.shape[0] != shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"Got {key.shape[0]} keys for a batch of {shape[0]} examples; pass one key, or one per example."
         )
     return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
@@ -131,17 +132,17 @@ def normal_noise(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array
 def _check_t(t: Array, x: Array) -> None:
     t_shape, t_dtype = jnp.shape(t), jnp.result_type(t)
     if x.ndim < 1 or t_shape != (x.shape[0],):
-        raise ValueError(
+        raise ConfigError(
             f"t must have shape [B] = ({x.shape[0] if x.ndim else '?'},) to match x of shape {x.shape}, got {t_shape}."
         )
     if not jnp.issubdtype(t_dtype, jnp.integer):
-        raise ValueError(f"t must hold integer timesteps, got dtype {t_dtype}.")
+        raise ConfigError(f"t must hold integer timesteps, got dtype {t_dtype}.")
 
 
 def _check_same_shape(**arrays: Array) -> None:
     shapes = {name: jnp.shape(a) for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError("Shapes must match: " + ", ".join(f"{n} {s}" for n, s in shapes.items()) + ".")
+        raise ConfigError("Shapes must match: " + ", ".join(f"{n} {s}" for n, s in shapes.items()) + ".")
 
 
 def extract(coeff: Array, t: Array, x: Array) -> Array:
@@ -324,7 +325,7 @@ def split_model_output(model_output: Array, x_t: Array, variance: str) -> tuple[
         return model_output, None
     expected = (*x_t.shape[:-1], 2 * x_t.shape[-1])
     if model_output.shape != expected:
-        raise ValueError(
+        raise ConfigError(
             f"With variance {variance!r} the model output must have twice the channels of x_t: "
             f"expected {expected}, got {model_output.shape}."
         )

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxdiff import parallel
+from jaxdiff.errors import ConfigError
 
 #: The bound's terms that :class:`SplitBound` averages over a split.
 TERMS = ("total", "prior", "denoising", "reconstruction")
@@ -124,7 +125,7 @@ def _over_split(fn: Callable, params, images, key, batch_size: int, labels, mesh
     keyed ``fold_in(key, i)``, through :func:`jaxdiff.parallel.map_batches`."""
     mesh = mesh or parallel.make_mesh()
     if len(images) == 0:
-        raise ValueError("No images to evaluate.")
+        raise ConfigError("No images to evaluate.")
     params = parallel.replicate(params, mesh)
     inputs = {"image": images, "label": None if labels is None else np.asarray(labels, np.int32)}
     run = lambda batch: fn(params, batch["image"], batch["key"], batch.get("label"))

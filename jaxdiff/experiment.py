@@ -26,6 +26,7 @@ from jaxdiff.data.batches import make_batches
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.prepare import num_classes
 from jaxdiff.data.readers import InMemory, Streamed, open_split
+from jaxdiff.errors import ConfigError
 from jaxdiff.logs import log
 from jaxdiff.models.unet import UNetConfig, abstract_params, init_params, make_apply
 from jaxdiff.spec import DiffusionConfig, ModelSpec
@@ -75,7 +76,7 @@ class TrainingConfig:
 
     def __post_init__(self):
         if self.num_steps < 1 or self.num_samples < 1 or self.eval_batch_size < 1 or self.keep_checkpoints < 1:
-            raise ValueError(
+            raise ConfigError(
                 "training.num_steps, num_samples, eval_batch_size and keep_checkpoints must be >= 1; got "
                 f"{self.num_steps}, {self.num_samples}, {self.eval_batch_size}, {self.keep_checkpoints}."
             )
@@ -105,12 +106,12 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.autoguidance != 0 and self.guide_step is None:
-            raise ValueError(
+            raise ConfigError(
                 "config.sampling.autoguidance needs a guide: set config.sampling.guide_step to an earlier step of the "
                 "run (e.g. a third of config.training.num_steps), or autoguidance=0."
             )
         if self.guide_step is not None and (isinstance(self.guide_step, bool) or self.guide_step < 1):
-            raise ValueError(f"config.sampling.guide_step must be a step >= 1 (or None), got {self.guide_step!r}.")
+            raise ConfigError(f"config.sampling.guide_step must be a step >= 1 (or None), got {self.guide_step!r}.")
         object.__setattr__(self, "autoguided_samplers", tuple(self.autoguided_samplers))
         for name in self.autoguided_samplers:
             diffusion.check_choice("sampler in config.sampling.autoguided_samplers", name, samplers.SAMPLERS)
@@ -169,20 +170,20 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     if c["sampling"].get("guidance", 0.0) != 0 and not (
         c["data"].get("class_conditional") and c["diffusion"].get("label_dropout", 0.0) > 0
     ):
-        raise ValueError(
+        raise ConfigError(
             "config.sampling.guidance needs a class-conditional model that also learned the unconditional one: set "
             "config.data.class_conditional=True and config.diffusion.label_dropout > 0 (e.g. 0.1), or guidance=0."
         )
     guide_step, num_steps = c["sampling"].get("guide_step"), c["training"]["num_steps"]
     if c["sampling"].get("autoguidance", 0.0) != 0 and isinstance(guide_step, int) and guide_step >= num_steps:
-        raise ValueError(
+        raise ConfigError(
             f"config.sampling.guide_step = {guide_step} is not before the run's end (config.training.num_steps = "
             f"{num_steps}): autoguidance's guide is the model at an earlier step. Set guide_step below num_steps "
             "(e.g. a third of it), or config.sampling.autoguidance=0."
         )
     accum, batch = c["optim"].get("grad_accum_steps", 1), c["training"]["batch_size"]
     if isinstance(accum, int) and accum >= 1 and batch % accum:
-        raise ValueError(
+        raise ConfigError(
             f"config.training.batch_size = {batch} (the batch of one optimizer update) does not split into "
             f"config.optim.grad_accum_steps = {accum} micro-batches; make the batch a multiple of it."
         )
@@ -311,7 +312,7 @@ def _classes(data: DataConfig, split: InMemory | Streamed) -> int | None:
     if not data.class_conditional:
         return None
     if not split.has_labels:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.class_conditional=True but {data.dataset!r} has no {data.label_key!r} feature: set "
             "config.data.label_key to its label feature, or train unconditionally."
         )
@@ -319,14 +320,14 @@ def _classes(data: DataConfig, split: InMemory | Streamed) -> int | None:
     labels = split.labels if isinstance(split, InMemory) else None
     if declared is None:
         if labels is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{data.dataset}'s {data.label_key!r} declares no classes, and a streamed split cannot be scanned "
                 "for its largest label: set config.data.reader='memory'."
             )
         declared = int(labels.max()) + 1
         log(f"{data.dataset}'s {data.label_key!r} declares no classes; taking {declared} (the largest label + 1).")
     if labels is not None and (labels.min() < 0 or labels.max() >= declared):
-        raise ValueError(f"{data.dataset}'s labels must lie in [0, {declared}), found {labels.min()}..{labels.max()}.")
+        raise ConfigError(f"{data.dataset}'s labels must lie in [0, {declared}), found {labels.min()}..{labels.max()}.")
     return declared
 
 
@@ -383,7 +384,9 @@ def _writable(workdir: pathlib.Path) -> pathlib.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"The workdir {workdir} cannot be written ({e.strerror}); choose a writable --workdir.") from e
+        raise ConfigError(
+            f"The workdir {workdir} cannot be written ({e.strerror}); choose a writable --workdir."
+        ) from e
     return workdir
 
 

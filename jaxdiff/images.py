@@ -13,6 +13,8 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError
+
 __all__ = [
     "MASKS",
     "from_uint8",
@@ -109,7 +111,7 @@ def named_mask(name: str, height: int, width: int) -> np.ndarray:
         rows = slice(height // 4, height // 4 + height // 2)
         cols = slice(width // 4, width // 4 + width // 2)
     else:
-        raise ValueError(f"Unknown mask {name!r}; choose one of {', '.join(MASKS)}, or give an .npz file.")
+        raise ConfigError(f"Unknown mask {name!r}; choose one of {', '.join(MASKS)}, or give an .npz file.")
     hole[rows, cols] = 1.0
     return hole
 
@@ -124,9 +126,9 @@ def load_mask(spec: str, height: int, width: int) -> np.ndarray:
             hole = np.asarray(f["arr_0"], np.float32)
     except (OSError, ValueError, KeyError) as e:
         names = ", ".join(MASKS)
-        raise ValueError(f"The mask {spec!r} is neither one of {names} nor an .npz file with arr_0 ({e}).") from e
+        raise ConfigError(f"The mask {spec!r} is neither one of {names} nor an .npz file with arr_0 ({e}).") from e
     if hole.ndim == 2:
         hole = hole[..., None]
     if not np.all((hole == 0) | (hole == 1)):
-        raise ValueError(f"The mask {spec} must hold only 0 (keep) and 1 (fill in).")
+        raise ConfigError(f"The mask {spec} must hold only 0 (keep) and 1 (fill in).")
     return hole

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn
+from jaxdiff.errors import ConfigError
 from jaxdiff.samplers import predictions_between_steps
 from jaxdiff.schedules import Schedule, log_sigmas
 
@@ -96,7 +97,7 @@ def ode_log_likelihood(
     dims = math.prod(x.shape[1:])
     exact = divergence == "exact" or (divergence == "auto" and dims <= EXACT_UP_TO)
     if not exact and key is None:
-        raise ValueError("The Hutchinson divergence needs a key for its probes: pass key=jax.random.key(seed).")
+        raise ConfigError("The Hutchinson divergence needs a key for its probes: pass key=jax.random.key(seed).")
     eps = lambda x, u: predictions_between_steps(schedule, model_fn, x, u, prediction=prediction, variance=variance)[1]
     levels = log_sigmas(schedule)
     u0, u1 = levels[0], levels[-1]

@@ -17,6 +17,8 @@ import time
 import jax
 import numpy as np
 
+from jaxdiff.errors import MissingFileError
+
 __all__ = [
     "NoWriter",
     "Progress",
@@ -142,7 +144,7 @@ def read_metrics(workdir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.n
     folder = pathlib.Path(workdir, "tensorboard")
     files = sorted(folder.glob("events.out.tfevents.*"), key=lambda p: (_created(p), p.name))
     if not files:
-        raise FileNotFoundError(f"No TensorBoard logs in {folder}: is {workdir} a run?")
+        raise MissingFileError(f"No TensorBoard logs in {folder}: is {workdir} a run?")
     logged: dict[str, dict[int, float]] = {}
     for path in files:
         for event in EventFileLoader(str(path)).Load():

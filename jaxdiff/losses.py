@@ -29,6 +29,7 @@ from jaxdiff.diffusion import (
     q_sample,
     split_model_output,
 )
+from jaxdiff.errors import ConfigError
 from jaxdiff.schedules import Schedule
 
 #: The training objectives of :func:`training_losses`.
@@ -62,12 +63,12 @@ def check_objective(loss_type: str, prediction: str, variance: str, weighting: s
     check_choice("variance", variance, VARIANCES)
     check_choice("weighting", weighting, WEIGHTINGS)
     if loss_type == "simple" and variance in LEARNED_VARIANCES:
-        raise ValueError(
+        raise ConfigError(
             f"variance {variance!r} is learned only through the bound: use loss_type 'hybrid' or "
             "'bound', or a fixed variance ('fixed_small', 'fixed_large')."
         )
     if loss_type == "hybrid" and variance not in LEARNED_VARIANCES:
-        raise ValueError(
+        raise ConfigError(
             "loss_type 'hybrid' trains the variance through the bound, so it needs variance 'learned' "
             f"or 'learned_range' (got {variance!r}); with a fixed variance use 'simple' or 'bound'."
         )

@@ -22,6 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff.errors import ConfigError
+
 __all__ = [
     "all_finite",
     "batch_sharding",
@@ -79,7 +81,7 @@ def replicate(tree, mesh: Mesh):
 def round_up_batch(batch_size: int, mesh: Mesh) -> int:
     """The smallest multiple of the mesh's device count that is >= ``batch_size`` (a whole number per device)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
     return batch_size + (-batch_size % mesh.devices.size)
 
 
@@ -87,7 +89,7 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     """Raise a ValueError unless the global batch splits evenly over the mesh's devices and processes."""
     devices = mesh.devices.size
     if global_batch < 1 or global_batch % devices or global_batch % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"The batch size {global_batch} is not a positive multiple of the {devices} devices "
             f"({jax.process_count()} processes); use a multiple of {devices}."
         )
@@ -111,7 +113,7 @@ def process_rows(mesh: Mesh, global_batch: int) -> slice:
     )
     for (_, stop), (start, _) in itertools.pairwise(blocks):
         if stop != start:
-            raise ValueError(
+            raise ConfigError(
                 f"This process's devices hold rows {blocks} of the batch, not one block: build the mesh with "
                 "parallel.make_mesh(), which orders the devices by process."
             )
@@ -177,7 +179,7 @@ def map_batches(
       ValueError: no items, or a batch size that does not split over the devices.
     """
     if count < 1:
-        raise ValueError("No items to run over: pass at least one image.")
+        raise ConfigError("No items to run over: pass at least one image.")
     check_batch_size(batch_size, mesh)
     rows = process_rows(mesh, batch_size)
     sharding = batch_sharding(mesh)
@@ -230,7 +232,7 @@ def to_host(x) -> np.ndarray:
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         if not x.is_fully_addressable:
-            raise ValueError(
+            raise ConfigError(
                 "to_host() reads a replicated array or one this process holds whole; this one is sharded over "
                 "hosts: replicate it first (parallel.replicate)."
             )

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError
+
 #: The beta schedules :func:`beta_schedule` makes by name.
 BETA_SCHEDULES = (
     "linear",
@@ -76,9 +78,9 @@ __all__ = [
 
 def _check_num_timesteps(num_timesteps: int) -> None:
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-        raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}.")
+        raise ConfigError(f"num_timesteps must be an int, got {num_timesteps!r}.")
     if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}.")
+        raise ConfigError(f"num_timesteps must be >= 1, got {num_timesteps}.")
 
 
 def cosine_alpha_bar(u: np.ndarray, s: float = 0.008) -> np.ndarray:
@@ -137,7 +139,7 @@ def beta_schedule(
     beta_start = DDPM_BETA_RANGE[0] * scale if beta_start is None else beta_start
     beta_end = DDPM_BETA_RANGE[1] * scale if beta_end is None else beta_end
     if scaled_end and not beta_end < 1.0:  # (a range given that leaves (0, 1) is refused by Schedule.from_betas)
-        raise ValueError(
+        raise ConfigError(
             f"The linear schedule ends at beta = {beta_end:.4g} >= 1 (with T = {T}, the default range is "
             f"1e-4 .. 0.02 scaled by 1000 / T, which needs T > 20). Use num_timesteps > 20, the cosine schedule, or "
             "pass beta_start and beta_end below 1 explicitly."
@@ -161,7 +163,7 @@ def beta_schedule(
         abar = cosine_alpha_bar(u, cosine_s)
         betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
     else:
-        raise ValueError(f"Unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
+        raise ConfigError(f"Unknown beta schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}.")
     _warn_unless_noise_is_reached(betas, f"The {name} schedule with T = {T}")
     return betas
 
@@ -268,15 +270,15 @@ class Schedule:
         """
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:
-            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
+            raise ConfigError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
         ok = np.isfinite(betas) & (betas > 0.0) & (betas < 1.0)
         if not np.all(ok):
-            raise ValueError(f"betas must all lie in the open interval (0, 1); found {betas[~ok][:5].tolist()}.")
+            raise ConfigError(f"betas must all lie in the open interval (0, 1); found {betas[~ok][:5].tolist()}.")
         T = betas.shape[0]
         given_map = timestep_map is not None
         timestep_map = np.asarray(timestep_map if given_map else np.arange(T))
         if timestep_map.shape != (T,) or not np.issubdtype(timestep_map.dtype, np.integer) or timestep_map.min() < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"timestep_map must be {T} integers >= 0, got {timestep_map.dtype} of shape {timestep_map.shape}."
             )
 
@@ -325,15 +327,15 @@ def _chain_log_sigmas(chain_betas: np.ndarray, timestep_map: np.ndarray, abar: n
     """log sigma at every step of the chain of ``chain_betas``, float64 ``[T_chain]``, once its abar is checked to be
     the kept steps' ``abar`` at ``timestep_map``."""
     if chain_betas.ndim != 1 or not np.all((chain_betas > 0.0) & (chain_betas < 1.0)):
-        raise ValueError("chain_betas must be a 1-D array of betas in (0, 1), those of the chain respaced from.")
+        raise ConfigError("chain_betas must be a 1-D array of betas in (0, 1), those of the chain respaced from.")
     if timestep_map.min() < 0 or timestep_map.max() >= chain_betas.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"timestep_map must index the chain's {chain_betas.shape[0]} steps, got values in "
             f"[{timestep_map.min()}, {timestep_map.max()}]."
         )
     chain_abar = np.cumprod(1.0 - chain_betas)
     if not np.allclose(chain_abar[timestep_map], abar, rtol=1e-6, atol=0.0):
-        raise ValueError(
+        raise ConfigError(
             "chain_betas do not give the schedule's abar at timestep_map: pass the betas of the chain that the "
             "schedule was respaced from (respace does)."
         )
@@ -363,14 +365,14 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -
         or not isinstance(num_steps, (int, np.integer))
         or not 1 <= num_steps <= num_timesteps
     ):
-        raise ValueError(
+        raise ConfigError(
             f"num_steps must be an int in [1, {num_timesteps}] (the chain has T = {num_timesteps}), got {num_steps!r}."
         )
     if spacing == "even":
         return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
     if spacing == "quadratic":
         return _distinct(np.round(np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2), num_timesteps)
-    raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + SNR_SPACINGS)}.")
+    raise ConfigError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + SNR_SPACINGS)}.")
 
 
 def _distinct(kept: np.ndarray, num_timesteps: int) -> np.ndarray:
@@ -396,7 +398,7 @@ def snr_spaced_timesteps(betas: np.ndarray, num_steps: int, spacing: str = "logs
     betas = np.asarray(betas, np.float64)
     T = len(betas)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be an int in [1, {T}] (the chain has T = {T}), got {num_steps!r}.")
+        raise ConfigError(f"num_steps must be an int in [1, {T}] (the chain has T = {T}), got {num_steps!r}.")
     abar = np.cumprod(1.0 - betas)
     log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))  # -lambda, increasing in t
     if spacing == "logsnr":
@@ -405,7 +407,7 @@ def snr_spaced_timesteps(betas: np.ndarray, num_steps: int, spacing: str = "logs
         lo, hi = np.exp(log_sigma[0]) ** (1 / KARRAS_RHO), np.exp(log_sigma[-1]) ** (1 / KARRAS_RHO)
         targets = KARRAS_RHO * np.log(np.linspace(lo, hi, num_steps))
     else:
-        raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SNR_SPACINGS)}.")
+        raise ConfigError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SNR_SPACINGS)}.")
     nearest = np.abs(log_sigma[None, :] - targets[:, None]).argmin(axis=1)
     return _distinct(nearest, T)
 
@@ -427,9 +429,9 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
     T = betas.shape[0] if betas.ndim == 1 else -1
     kept = np.asarray(sorted(use_timesteps))
     if kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer):
-        raise ValueError(f"use_timesteps must be a non-empty list of ints, got {use_timesteps!r}.")
+        raise ConfigError(f"use_timesteps must be a non-empty list of ints, got {use_timesteps!r}.")
     if len(set(kept.tolist())) != kept.size or kept[0] < 0 or kept[-1] >= T:
-        raise ValueError(f"use_timesteps must be distinct timesteps in [0, {T - 1}], got {kept.tolist()[:8]}...")
+        raise ConfigError(f"use_timesteps must be distinct timesteps in [0, {T - 1}], got {kept.tolist()[:8]}...")
     abar = np.cumprod(1.0 - betas)[kept]
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept, chain_betas=betas)
@@ -446,7 +448,7 @@ def respaced(betas: np.ndarray, steps: int | None = None, spacing: str = "even")
     num_timesteps = len(betas)
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_timesteps}] (the model's T), got {steps}.")
+        raise ConfigError(f"steps must lie in [1, {num_timesteps}] (the model's T), got {steps}.")
     if spacing in SNR_SPACINGS:
         return respace(betas, snr_spaced_timesteps(betas, steps, spacing))
     return respace(betas, space_timesteps(num_timesteps, steps, spacing))
@@ -503,6 +505,6 @@ def truncated(schedule: Schedule, steps: int) -> Schedule:
       ValueError: ``steps`` outside [1, T].
     """
     if not 1 <= steps <= schedule.num_timesteps:
-        raise ValueError(f"steps must lie in [1, {schedule.num_timesteps}], got {steps}.")
+        raise ConfigError(f"steps must lie in [1, {schedule.num_timesteps}], got {steps}.")
     per_step = [f.name for f in dataclasses.fields(schedule) if f.name != "chain_log_sigmas"]
     return dataclasses.replace(schedule, **{name: getattr(schedule, name)[:steps] for name in per_step})

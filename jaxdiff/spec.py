@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxdiff import diffusion, losses
 from jaxdiff.data.config import DataConfig
+from jaxdiff.errors import ConfigError
 from jaxdiff.models.unet import UNetConfig
 from jaxdiff.samplers import DETERMINISTIC_SAMPLERS
 from jaxdiff.schedules import beta_schedule
@@ -55,7 +56,7 @@ class DiffusionConfig:
         losses.check_objective(self.loss_type, self.prediction, self.variance, self.weighting)
         diffusion.check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
         if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
+            raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
 
     def betas(self) -> np.ndarray:
         """float64 ``[T]``."""

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff import diffusion, parallel
+from jaxdiff.errors import ConfigError
 from jaxdiff.losses import diffusion_loss
 from jaxdiff.schedules import Schedule
 from jaxdiff.spec import DiffusionConfig
@@ -72,12 +73,12 @@ class OptimConfig:
     def __post_init__(self):
         diffusion.check_choice("decay", self.decay, DECAYS)
         if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps < 1 or self.grad_accum_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Need lr > 0, warmup_steps >= 0, total_steps >= 1, grad_accum_steps >= 1; got {self.lr}, "
                 f"{self.warmup_steps}, {self.total_steps}, {self.grad_accum_steps}."
             )
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
 
 
 def learning_rate(opt: OptimConfig) -> optax.Schedule:
@@ -255,7 +256,7 @@ def make_train_step(
         t_key, loss_key = jax.random.split(key)
         batch_size = batch["image"].shape[0]
         if batch_size % k:
-            raise ValueError(f"The batch of {batch_size} does not split into grad_accum_steps = {k} micro-batches.")
+            raise ConfigError(f"The batch of {batch_size} does not split into grad_accum_steps = {k} micro-batches.")
         t, weights = _draw_timesteps(t_key, state, batch_size, T, objective.t_sampling == "importance")
         noise, labels, dropout_key = draws(batch, loss_key)
         inputs = (batch["image"], noise, labels, t, weights)

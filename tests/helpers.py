@@ -28,7 +28,7 @@ DDPM_SETTINGS = dict(norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsam
 
 def load_config(name: str) -> ml_collections.ConfigDict:
     """``configs/<name>.py``'s config."""
-    return importlib.import_module(f"configs.{name}").get_config()
+    return importlib.import_module(f"jaxdiff.configs.{name}").get_config()
 
 
 def tiny_config(data_dir: pathlib.Path, **training_overrides) -> ml_collections.ConfigDict:

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 if args.processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.processes, args.process)
 
-from configs import tiny  # noqa: E402
+from jaxdiff.configs import tiny  # noqa: E402
+
 from jaxdiff import checkpoints, commands, experiment, parallel, pipeline  # noqa: E402
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from jaxdiff import actions, checkpoints, experiment, parallel, pipeline, training
 from jaxdiff.data import DataConfig, load_split
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.unet import abstract_params, init_params
 from tests.helpers import NET, ROOT, free_port, load_config, tiny_config
 
@@ -95,7 +96,7 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_nothing_is_touched(tmp
         data_files(tmp_path / "checkpoints" / str(step))[0].unlink()
     before = listing(tmp_path)
     with pytest.warns(UserWarning):
-        with pytest.raises(RuntimeError, match=r"None of the 2 checkpoints .* nothing was moved"):
+        with pytest.raises(CheckpointError, match=r"None of the 2 checkpoints .* nothing was moved"):
             restore(tmp_path)
     assert listing(tmp_path) == before
 

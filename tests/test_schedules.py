@@ -228,7 +228,7 @@ def test_a_range_given_is_used_as_given_and_a_chain_short_of_noise_warns():
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem != "__init__"))
 def test_every_shipped_config_s_chain_reaches_noise_without_a_warning(name):
     """The chain each config trains and samples on, built as training builds it (its DiffusionConfig's betas)."""
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"jaxdiff.configs.{name}").get_config()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         betas = DiffusionConfig(**config.diffusion.to_dict()).betas()

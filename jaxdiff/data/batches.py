@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import InMemory, Streamed, open_split
+from jaxdiff.errors import DataError
 from jaxdiff.images import from_uint8
 
 __all__ = ["Batches", "global_indices", "make_batches"]
@@ -65,7 +66,7 @@ class Batches:
         process_count: int = 1,
     ):
         if global_batch % process_count:
-            raise ValueError(f"The global batch {global_batch} is not divisible by the {process_count} processes.")
+            raise DataError(f"The global batch {global_batch} is not divisible by the {process_count} processes.")
         self.data = data
         self.global_batch, self.seed, self.random_flip = global_batch, seed, random_flip
         self.local_batch = global_batch // process_count

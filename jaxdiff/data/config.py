@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxdiff.errors import DataError
+
 #: The datasets jaxdiff's configs name (any TFDS image dataset works).
 KNOWN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "celeb_a_hq", "lsun")
 #: How a split is read (``DataConfig.reader``): chosen by size, whole in memory, or streamed.
@@ -55,6 +57,6 @@ class DataConfig:
 
     def __post_init__(self):
         if self.reader not in READERS:
-            raise ValueError(f"config.data.reader must be one of {READERS}, got {self.reader!r}.")
+            raise DataError(f"config.data.reader must be one of {READERS}, got {self.reader!r}.")
         if not self.memory_limit_gb >= 0:
-            raise ValueError(f"config.data.memory_limit_gb must be >= 0, got {self.memory_limit_gb}.")
+            raise DataError(f"config.data.memory_limit_gb must be >= 0, got {self.memory_limit_gb}.")

@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from jaxdiff.data.config import KNOWN_DATASETS, DataConfig
 from jaxdiff.data.digits import Digits
+from jaxdiff.errors import DataError, MissingFileError
 from jaxdiff.parallel import process_verdicts
 
 __all__ = ["num_classes", "prepared_builder"]
@@ -25,7 +26,7 @@ def _builder(config: DataConfig) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(config.dataset, data_dir=config.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
+        raise DataError(
             f"Unknown dataset {config.dataset!r}: not a TFDS dataset. Use one of {', '.join(KNOWN_DATASETS)} or "
             "any TFDS image dataset name (see `tfds.list_builders()`)."
         ) from e
@@ -40,7 +41,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: DataConfig) -> None:
     elif config.download:  # ArrayRecord: both readers can read it (TFRecord has no random access for streaming).
         builder.download_and_prepare(file_format=None if config.reader == "memory" else "array_record")
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it with "
             f"`tfds build {config.dataset} --data_dir={builder.data_dir_root}` on a machine with internet access "
             "(or copy the prepared folder there), or set config.data.download=True to let this run download it."
@@ -70,7 +71,7 @@ def prepared_builder(config: DataConfig) -> tfds.core.DatasetBuilder:
         builder = _builder(config)  # prepared by process 0 where the directory is shared
     _prepare(builder, config)
     if config.image_key not in builder.info.features:
-        raise ValueError(
+        raise DataError(
             f"Dataset {config.dataset!r} has no feature {config.image_key!r}; it has {list(builder.info.features)}."
         )
     return builder

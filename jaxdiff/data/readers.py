@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.prepare import prepared_builder
+from jaxdiff.errors import DataError
 
 __all__ = ["InMemory", "Streamed", "load_split", "open_split", "resize_square"]
 
@@ -49,7 +50,7 @@ def load_split(
         if chunk_labels is not None:
             labels.append(chunk_labels)
     if not images:
-        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
+        raise DataError(f"Split {config.split!r} of {config.dataset!r} is empty.")
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
 
 
@@ -57,7 +58,7 @@ def _read_all(split: Streamed, config: DataConfig, chunk: int = 1024) -> tuple[n
     """Every row of ``split``, read ``chunk`` at a time into one array (the memory of the split and one chunk)."""
     n = len(split)
     if not n:
-        raise ValueError(f"Split {config.split!r} of {config.dataset!r} is empty.")
+        raise DataError(f"Split {config.split!r} of {config.dataset!r} is empty.")
     images = np.empty((n, config.image_size, config.image_size, split.channels), np.uint8)
     labels = np.empty(n, np.int32) if split.has_labels else None
     for start in range(0, n, chunk):
@@ -90,7 +91,7 @@ class InMemory:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
         if labels is not None and len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+            raise DataError(f"{len(images)} images but {len(labels)} labels.")
         self.images, self.labels = images, labels
         self.channels, self.has_labels = images.shape[-1], labels is not None
 
@@ -179,7 +180,7 @@ def open_split(config: DataConfig) -> InMemory | Streamed:
             else f"{config.split!r} takes ~{_gigabytes(decoded)} decoded, over config.data.memory_limit_gb="
             f"{config.memory_limit_gb:g}, so it"
         )
-        raise ValueError(
+        raise DataError(
             f"{why} must be read at random, but {config.dataset!r} is stored as {builder.info.file_format.value} in "
             f"{builder.data_dir}, which has none. Rebuild it as ArrayRecord: `tfds build {config.dataset} "
             f"--file_format=array_record --data_dir=<a new directory>` and point config.data.data_dir there (or set "

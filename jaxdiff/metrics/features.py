@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.images import from_uint8
 from jaxdiff.metrics.inception import FEATURE_DIM, InceptionV3
 from jaxdiff.parallel import batch_sharding, make_mesh, map_batches, replicate, replicated, round_up_batch
@@ -84,7 +85,7 @@ class _Extractor:
         of them if fewer."""
         count = len(images) if count is None else count
         if count == 0:
-            raise ValueError("No images to extract features from.")
+            raise ConfigError("No images to extract features from.")
         inputs = images if callable(images) else {"image": images}
         batch = round_up_batch(max(1, min(self.batch_size, count)), self.mesh)  # a whole number of images per device
         self.params = replicate(self.params, self.mesh)  # once: on every device of every process
@@ -104,7 +105,7 @@ class InceptionFeatures(_Extractor):
 
     def __init__(self, params, batch_size: int = 100, image_size: int = 299, resize: str = "tf1", mesh=None):
         if resize not in RESIZES:
-            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}.")
+            raise ConfigError(f"resize must be one of {RESIZES}, got {resize!r}.")
         self.params, self.batch_size, self.mesh = params, batch_size, mesh or make_mesh()
         self.has_logits = "fc" in params["params"]
         self.name = f"inception-{image_size}-{resize}"
@@ -201,7 +202,7 @@ class DigitsClassifier(_Extractor):
 
     def __call__(self, images: np.ndarray, progress=None) -> tuple[np.ndarray, np.ndarray]:
         if images.shape[1:] != (8, 8, 1):
-            raise ValueError(f"The digits classifier takes 8x8x1 images, got {images.shape[1:]}.")
+            raise ConfigError(f"The digits classifier takes 8x8x1 images, got {images.shape[1:]}.")
         features, probs = self.extract(images, progress=progress)
         return features, probs
 
@@ -225,7 +226,7 @@ def make_extractor(
     """The extractor for judging samples of the dataset ``data`` (a DataConfig): ``auto`` picks the digits
     classifier for ``digits`` (8x8: Inception features mean nothing there) and the FID Inception otherwise."""
     if kind not in FEATURES:
-        raise ValueError(f"features must be one of {FEATURES}, got {kind!r}.")
+        raise ConfigError(f"features must be one of {FEATURES}, got {kind!r}.")
     if kind == "auto":
         kind = "digits" if data.dataset == "digits" else "inception"
     if kind == "digits":
@@ -234,7 +235,7 @@ def make_extractor(
         from jaxdiff.data.readers import load_split
 
         if data.dataset != "digits" or data.image_size != 8:
-            raise ValueError(f"The digits classifier judges 8x8 digits only, not {data.dataset} at {data.image_size}.")
+            raise ConfigError(f"The digits classifier judges 8x8 digits only, not {data.dataset} at {data.image_size}.")
         images, labels = load_split(dataclasses.replace(data, split="train", random_flip=False))
         return DigitsClassifier(images, labels, mesh=mesh)
     from jaxdiff.metrics.inception import load_inception

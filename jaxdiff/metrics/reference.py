@@ -18,6 +18,7 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import InMemory, load_split, open_split
+from jaxdiff.errors import DataError
 from jaxdiff.logs import log
 from jaxdiff.metrics.fid import FeatureStats, _save_npz, feature_stats
 from jaxdiff.xla_flags import jaxdiff_cache_dir
@@ -40,7 +41,7 @@ def class_reference_stats(
         return cached
     images, labels = load_split(dataclasses.replace(data, random_flip=False))
     if labels is None:
-        raise ValueError(f"{data.dataset} {data.split} has no labels: no per-class statistics.")
+        raise DataError(f"{data.dataset} {data.split} has no labels: no per-class statistics.")
     features, _ = extractor(images)
     stats = {int(k): feature_stats(features[labels == k]) for k in np.unique(labels)}
     arrays = {"classes": np.asarray(sorted(stats))}
@@ -102,7 +103,7 @@ def streamed_feature_stats(extractor, split, chunk: int = 10_000) -> FeatureStat
     and two ``[D, D]`` float64 sums, whatever N."""
     n = len(split)
     if n < 2:
-        raise ValueError(f"Feature statistics need at least 2 samples, got {n}.")
+        raise DataError(f"Feature statistics need at least 2 samples, got {n}.")
     total, outer = None, None
     for start in range(0, n, chunk):
         # Each process reads only its rows of each batch of the chunk (the extractor's batch runner).

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff.errors import CheckpointError, MissingExtraError, MissingFileError
 from jaxdiff.models.unet import UNetConfig, abstract_params
 
 __all__ = [
@@ -112,7 +113,7 @@ def unet_config_from_diffusers(config: Mapping, *, dropout: float = 0.0, dtype: 
     if out_ch not in (in_ch, 2 * in_ch):
         problems.append(f"out_channels={out_ch} with in_channels={in_ch} (must be equal, or twice for a learned sigma)")
     if problems:
-        raise ValueError("This UNet2DModel is not a DDPM-family UNet: " + "; ".join(problems) + ".")
+        raise CheckpointError("This UNet2DModel is not a DDPM-family UNet: " + "; ".join(problems) + ".")
     size = config.get("sample_size", 32)
     size = size[0] if isinstance(size, (list, tuple)) else size
     return UNetConfig(
@@ -196,7 +197,7 @@ def check_all_matched(missing: list[str], unexpected: list[str], mismatched: lis
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"{label}: {shown}")
-        raise ValueError(f"{header} " + "; ".join(parts) + ".")
+        raise CheckpointError(f"{header} " + "; ".join(parts) + ".")
 
 
 def _check_download_digest(path: pathlib.Path) -> None:
@@ -211,7 +212,7 @@ def _check_download_digest(path: pathlib.Path) -> None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != blob.name:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has changed since it was downloaded (its SHA-256 is {digest.hexdigest()[:12]}..., the hub's "
             f"{blob.name[:12]}...). Delete {blob} and download it again."
         )
@@ -226,15 +227,17 @@ def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
         odd = sorted(k for k, v in tensors.items() if v.dtype.kind != "f")
         if odd:
-            raise ValueError(f"{path} holds tensors that are not floating point ({', '.join(odd[:3])}): not weights.")
+            raise CheckpointError(
+                f"{path} holds tensors that are not floating point ({', '.join(odd[:3])}): not weights."
+            )
         return tensors
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtraError(
             f"{path.name} is a PyTorch pickle; reading it needs torch (`pip install torch`), or convert it to "
             "safetensors first."
         ) from e
@@ -248,7 +251,7 @@ def _find_checkpoint(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
         for name in WEIGHT_FILES:
             if config.is_file() and (candidate / name).is_file():
                 return config, candidate / name
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"No diffusers UNet checkpoint in {folder}: expected config.json and one of {', '.join(WEIGHT_FILES)} "
         f"there or in {folder / 'unet'}."
     )
@@ -263,7 +266,7 @@ def download_diffusers(repo_id: str) -> pathlib.Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise ImportError("Downloading needs huggingface_hub: `pip install huggingface_hub`.") from e
+        raise MissingExtraError("Downloading needs huggingface_hub: `pip install huggingface_hub`.") from e
     configs = ["config.json", "unet/config.json", "scheduler_config.json", "scheduler/scheduler_config.json"]
     for name in WEIGHT_FILES:
         folder = pathlib.Path(snapshot_download(repo_id, allow_patterns=[*configs, name, f"unet/{name}"]))
@@ -283,7 +286,7 @@ def diffusers_folder(path_or_repo: str | os.PathLike, download: bool = False) ->
     if folder.exists():
         return folder
     if not download:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path_or_repo} is not a local folder. Pass a folder holding config.json and "
             f"{WEIGHT_FILES[0]}, or pass download=True to fetch the repo id from the Hugging Face hub "
             f"(released DDPM models: {', '.join(DDPM_REPOS)})."
@@ -306,8 +309,8 @@ def load_diffusers_unet(
     try:
         raw = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e}); download it again.") from e
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); download it again.") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{config_file} holds no diffusers config (a JSON object); download it again.")
+        raise CheckpointError(f"{config_file} holds no diffusers config (a JSON object); download it again.")
     config = unet_config_from_diffusers(raw, dropout=dropout, dtype=dtype)
     return convert_diffusers_state_dict(_read_weights(weights_file), config), config

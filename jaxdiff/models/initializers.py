@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError
+
 __all__ = [
     "Constant",
     "FanAvgUniform",
@@ -38,7 +40,7 @@ _INIT_ATTRIBUTE = {"kernel": "kernel_init", "bias": "bias_init", "scale": "scale
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) of a kernel ``[..., in, out]``: the receptive field (leading axes) times in, and times out."""
     if len(shape) < 2:
-        raise ValueError(f"A fan-scaled initialiser needs a kernel of at least 2 axes [..., in, out], got {shape}.")
+        raise ConfigError(f"A fan-scaled initialiser needs a kernel of at least 2 axes [..., in, out], got {shape}.")
     receptive = math.prod(shape[:-2])
     return shape[-2] * receptive, shape[-1] * receptive
 
@@ -137,7 +139,7 @@ def host_initializers(module: nn.Module, *example_args) -> dict:
 
     rules = jax.tree_util.tree_map_with_path(rule, shapes)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"No host-drawable initialiser for {'; '.join(missing)}. Give these layers initialisers from "
             "jaxdiff.models.initializers (FanAvgUniform, Constant, TruncatedNormal)."
         )

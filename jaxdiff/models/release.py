@@ -35,6 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.diffusion import LEARNED_VARIANCES, VARIANCES, check_choice
+from jaxdiff.errors import CheckpointError, MissingFileError
 from jaxdiff.models.convert import check_all_matched, param_shapes
 from jaxdiff.models.unet import UNetConfig
 
@@ -119,7 +120,7 @@ def read_tf1_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = str(pathlib.Path(path).expanduser())
     prefix = tf.train.latest_checkpoint(path) if os.path.isdir(path) else path
     if prefix is None or not tf.io.gfile.exists(prefix + ".index"):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No TF1 checkpoint at {path}: expected the prefix of model.ckpt-N.index / .data-* files (for example "
             "diffusion_cifar10_model/model.ckpt-790000), or a folder whose 'checkpoint' file names one."
         )
@@ -127,7 +128,7 @@ def read_tf1_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         reader = tf.train.load_checkpoint(prefix)
         return {name: np.asarray(reader.get_tensor(name)) for name in reader.get_variable_to_shape_map()}
     except (tf.errors.OpError, ValueError) as e:
-        raise ValueError(f"{prefix} is not a readable TF checkpoint ({e}); download it again.") from e
+        raise CheckpointError(f"{prefix} is not a readable TF checkpoint ({e}); download it again.") from e
 
 
 def select_weights(variables: Mapping[str, np.ndarray], ema: bool = True) -> dict[str, np.ndarray]:
@@ -145,7 +146,7 @@ def select_weights(variables: Mapping[str, np.ndarray], ema: bool = True) -> dic
     lacking = sorted(n for n in weights if n.startswith("model/") and n not in shadows)
     if lacking:
         shown = ", ".join(lacking[:6]) + (f", ... ({len(lacking)} in all)" if len(lacking) > 6 else "")
-        raise ValueError(
+        raise CheckpointError(
             f"The checkpoint holds no ExponentialMovingAverage shadow of {shown}: load its raw weights with "
             "ema=False (sample.py --noema)."
         )
@@ -166,7 +167,7 @@ def variance_for_channels(out_channels: int, in_channels: int, variance: str | N
     if variance is not None:
         check_choice("variance", variance, VARIANCES)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(
+        raise CheckpointError(
             f"The network's conv_out has {out_channels} output channels for {in_channels} image channels: a DDPM UNet "
             f"outputs {in_channels} (eps, fixed variance) or {2 * in_channels} (eps and a learned log-variance)."
         )
@@ -176,7 +177,7 @@ def variance_for_channels(out_channels: int, in_channels: int, variance: str | N
     if learned != (variance in LEARNED_VARIANCES):
         fitting = LEARNED_VARIANCES if learned else tuple(v for v in VARIANCES if v not in LEARNED_VARIANCES)
         outputs = "eps and a log-variance" if learned else "eps only"
-        raise ValueError(
+        raise CheckpointError(
             f"variance {variance!r} does not fit this network: its {out_channels} output channels are {outputs}, "
             f"which fit {' or '.join(fitting)}; pass one of those (sample.py --variance), or none to read it off them."
         )
@@ -203,7 +204,7 @@ def infer_config(
         ``variance`` that the output channels do not fit.
     """
     if "model/conv_in/W" not in weights or "model/conv_out/W" not in weights:
-        raise ValueError(
+        raise CheckpointError(
             "These variables are not a DDPM UNet of Ho et al.'s release: model/conv_in/W and model/conv_out/W are "
             f"missing (first names: {', '.join(sorted(weights)[:5])})."
         )
@@ -220,7 +221,7 @@ def infer_config(
         levels_of = tuple(i for i, r in enumerate(published.resolutions) if r in published.attn_resolutions)
         if same and levels_of == attn_levels:
             if image_size not in (None, published.image_size):
-                raise ValueError(
+                raise CheckpointError(
                     f"This is the published {name} architecture, trained at {published.image_size}x"
                     f"{published.image_size}; image_size={image_size} does not fit it."
                 )
@@ -230,7 +231,7 @@ def infer_config(
             f"{n}: ch {c.ch}, ch_mult {c.ch_mult}, {c.num_res_blocks} blocks, attention at {c.attn_resolutions}"
             for n, (c, _) in PUBLISHED.items()
         )
-        raise ValueError(
+        raise CheckpointError(
             f"The checkpoint's architecture (ch {ch}, ch_mult {mult}, {blocks} blocks per level, attention at levels "
             f"{attn_levels}, {out_ch} output channels) is none of the published ones ({known}). Pass image_size to "
             "import it anyway."
@@ -360,7 +361,7 @@ def load_release(
         weights = port_to_release_names(tensors)
         kind = "PyTorch port"
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} is neither a TF1 checkpoint (no {path}.index, no folder with a 'checkpoint' file) nor a file."
         )
     config, variance, name = infer_config(weights, image_size, variance)

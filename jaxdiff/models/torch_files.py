@@ -14,6 +14,8 @@ import zipfile
 
 import numpy as np
 
+from jaxdiff.errors import CheckpointError, MissingFileError
+
 __all__ = [
     "read_tensors",
 ]
@@ -123,10 +125,10 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       ValueError: the file is not a PyTorch zip archive (or is truncated).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such file: {path}")
+        raise MissingFileError(f"No such file: {path}")
     with open(path, "rb") as f:
         if f.read(1) == b"\x80" and not zipfile.is_zipfile(path):  # a bare pickle stream: torch.save before 1.6
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} is in PyTorch's legacy (pre-1.6) format, which jaxdiff does not read (reading it safely needs "
                 "its storages' layout). Re-save it once as a zip file: `torch.save(torch.load(old), new)`."
             )
@@ -138,11 +140,11 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 with archive.open(pkl[0]) as f:
                     obj = _Unpickler(f, archive, pkl[0].rsplit("/", 1)[0]).load()
     except Exception as e:  # a damaged archive or pickle fails in many ways (CRC, names, opcodes, versions, bounds)
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a readable PyTorch zip file ({type(e).__name__}: {e}); download it again."
         ) from e
     if not pkl:
-        raise ValueError(f"{path} holds no data.pkl: not a PyTorch file saved with torch.save/torch.jit.save.")
+        raise CheckpointError(f"{path} holds no data.pkl: not a PyTorch file saved with torch.save/torch.jit.save.")
     out: dict[str, np.ndarray] = {}
     _flatten(obj, "", out)
     return out

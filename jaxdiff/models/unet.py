@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.models.initializers import Constant, FanAvgUniform, TruncatedNormal, draw_params, host_initializers
 
 __all__ = [
@@ -110,37 +111,37 @@ class UNetConfig:
         for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive int, got {value!r}.")
+                raise ConfigError(f"UNetConfig.{name} must be a positive int, got {value!r}.")
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(f"UNetConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}.")
+            raise ConfigError(f"UNetConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}.")
         levels = len(self.ch_mult)
         factor = 2 ** (levels - 1)
         if self.image_size % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"image_size {self.image_size} is not divisible by 2^(levels - 1) = {factor} ({levels} levels in "
                 f"ch_mult={self.ch_mult}); use an image size that is a multiple of {factor}, or fewer levels."
             )
         for c in sorted({self.ch * m for m in self.ch_mult}):
             if c % self.num_groups:
-                raise ValueError(
+                raise ConfigError(
                     f"{c} channels (ch={self.ch} x ch_mult) are not divisible by num_groups={self.num_groups}; "
                     "choose ch and ch_mult so that every level's channel count is a multiple of num_groups."
                 )
         missing = [r for r in self.attn_resolutions if r not in self.resolutions]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"attn_resolutions {missing} match no level: the levels have resolutions {list(self.resolutions)}."
             )
         if self.head_dim is not None:
             for r, m in zip(self.resolutions, self.ch_mult, strict=True):
                 if r in self.attn_resolutions and (self.ch * m) % self.head_dim:
-                    raise ValueError(f"head_dim={self.head_dim} does not divide the {self.ch * m} attention channels.")
+                    raise ConfigError(f"head_dim={self.head_dim} does not divide the {self.ch * m} attention channels.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {self.num_classes!r}.")
+            raise ConfigError(f"num_classes must be a positive int or None, got {self.num_classes!r}.")
         if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+            raise ConfigError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
@@ -330,9 +331,9 @@ class UNet(nn.Module):
         cfg, dtype = self.config, self.config.compute_dtype
         expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"UNet expects images [B, {', '.join(map(str, expected))}], got shape {x.shape}.")
+            raise ConfigError(f"UNet expects images [B, {', '.join(map(str, expected))}], got shape {x.shape}.")
         if jnp.shape(t) != (x.shape[0],):
-            raise ValueError(f"UNet expects timesteps of shape [B] = ({x.shape[0]},), got {jnp.shape(t)}.")
+            raise ConfigError(f"UNet expects timesteps of shape [B] = ({x.shape[0]},), got {jnp.shape(t)}.")
         block = nn.remat(ResBlock) if cfg.remat else ResBlock
         attn = nn.remat(AttnBlock) if cfg.remat else AttnBlock
         res = lambda out_ch, name: block(cfg, out_ch, deterministic=not train, name=name)
@@ -348,7 +349,7 @@ class UNet(nn.Module):
             embed = nn.Embed(cfg.num_classes + 1, 4 * cfg.ch, dtype=dtype, embedding_init=init, name="class_embed")
             temb = temb + embed(labels)
         elif labels is not None:
-            raise ValueError("labels were given to an unconditional UNet (config.num_classes is None).")
+            raise ConfigError("labels were given to an unconditional UNet (config.num_classes is None).")
 
         h = _conv(cfg.ch, "conv_in", dtype)(x.astype(dtype))
         skips = [h]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion, images, parallel, samplers
+from jaxdiff.errors import ConfigError
 from jaxdiff.pipeline.base import Pipeline
 
 __all__ = ["Edit", "check_images_fit", "check_request", "generate", "labels_for", "make_sampler"]
@@ -25,7 +26,7 @@ def check_images_fit(pipe: Pipeline, images: np.ndarray, what: str) -> None:
     """A clear error when images (a split to evaluate on, images to edit) are not the size the network takes."""
     want = pipe.image_shape
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
+        raise ConfigError(
             f"The model takes {want[0]}x{want[1]}x{want[2]} images but {what} has "
             f"{'x'.join(map(str, images.shape[1:]))}: use images of the size and channels the model was trained on."
         )
@@ -51,11 +52,11 @@ class Edit:
 
     def __post_init__(self):
         if (self.strength is None) == (self.hole is None):
-            raise ValueError("An edit is either SDEdit (--strength) or inpainting (--mask), not both and not neither.")
+            raise ConfigError("An edit is either SDEdit (--strength) or inpainting (--mask), not both and not neither.")
         if self.strength is not None:
             samplers.check_strength(self.strength)
         if self.jump_length < 1 or self.resamplings < 1:
-            raise ValueError(f"jump_length and resamplings must be >= 1, got {self.jump_length}, {self.resamplings}.")
+            raise ConfigError(f"jump_length and resamplings must be >= 1, got {self.jump_length}, {self.resamplings}.")
 
 
 def check_request(
@@ -74,20 +75,20 @@ def check_request(
     pipe.sampling_schedule(steps)  # steps in [1, T]
     samplers.check_eta(eta)
     if sampler != "ddim" and eta != 0:
-        raise ValueError(f"eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for {sampler}.")
+        raise ConfigError(f"eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for {sampler}.")
     if churn != 0 and (sampler != "heun" or not churn > 0):
-        raise ValueError(f"churn is Heun's stochastic churn, >= 0 with --sampler=heun; got {churn} with {sampler}.")
+        raise ConfigError(f"churn is Heun's stochastic churn, >= 0 with --sampler=heun; got {churn} with {sampler}.")
     classes = pipe.num_classes
     if classes is None and (label is not None or guidance != 0):
-        raise ValueError(
+        raise ConfigError(
             f"The model from {pipe.source} is unconditional: it takes no --label and no --guidance. Train with "
             "config.data.class_conditional=True (and label_dropout > 0 for guidance) for a class-conditional model."
         )
     if label is not None and not 0 <= label < classes:
-        raise ValueError(f"label must lie in [0, {classes - 1}] for this model with {classes} classes, got {label}.")
+        raise ConfigError(f"label must lie in [0, {classes - 1}] for this model with {classes} classes, got {label}.")
     if edit is not None and edit.hole is not None:
         if sampler != "ddpm":
-            raise ValueError(
+            raise ConfigError(
                 f"Inpainting (RePaint) re-noises the known pixels between ancestral steps: use --sampler=ddpm (with "
                 f"--steps for a shorter chain), not {sampler}."
             )
@@ -160,14 +161,14 @@ def make_sampler(
 
     def run(params, keys, labels=None, init=None):
         if not diffusion.key_per_example(keys):
-            raise ValueError(
+            raise ConfigError(
                 "The sampler takes one key per image, [B] typed keys: parallel.example_keys(jax.random.key(seed), "
                 "jnp.arange(B)) gives image i the key fold_in(key, i) (what pipeline.generate does)."
             )
         if (init is None) != (edit is None):
-            raise ValueError("Pass init (the images to edit) exactly when the sampler was made with an edit.")
+            raise ConfigError("Pass init (the images to edit) exactly when the sampler was made with an edit.")
         if conditional and labels is None:
-            raise ValueError("A class-conditional model samples with labels: pass each image's class.")
+            raise ConfigError("A class-conditional model samples with labels: pass each image's class.")
         return compiled(params, keys, labels if conditional else None, init)
 
     run.mesh, run.lower = mesh, compiled.lower  # its mesh (for generate), and its program (for XLA's analyses)

@@ -11,6 +11,7 @@ import pathlib
 
 from jaxdiff import checkpoints, diffusion, samplers
 from jaxdiff.data.config import DataConfig
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.unet import abstract_params, make_apply
 from jaxdiff.pipeline.base import Pipeline
 from jaxdiff.spec import DiffusionConfig, ModelSpec
@@ -65,7 +66,7 @@ def from_workdir(
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``, or not the guide's).
-      RuntimeError: no checkpoint can be read.
+      CheckpointError: no checkpoint can be read.
       ValueError: autoguidance asked of a run that keeps no guide, or of a checkpoint not later than its guide.
     """
     ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
@@ -76,12 +77,12 @@ def from_workdir(
     if scale == 0:
         return pipe
     if pipe.guide_step is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{workdir} was trained without a guide checkpoint, so it cannot be autoguided: train with "
             "config.sampling.guide_step (e.g. a third of the steps), or sample with --autoguidance=0."
         )
     if pipe.guide_step >= ckpt.step:
-        raise ValueError(
+        raise CheckpointError(
             f"The checkpoint at step {ckpt.step} of {workdir} is not later than its guide (step {pipe.guide_step}): "
             "sample a later --step, or with --autoguidance=0."
         )
@@ -153,7 +154,7 @@ def from_diffusers(path: str | os.PathLike, download: bool = False) -> Pipeline:
     ):
         value = settings.get(key, default)
         if value not in table:
-            raise ValueError(
+            raise CheckpointError(
                 f"The scheduler's {key} {value!r} is not supported; supported: {sorted(table)}. Edit "
                 "scheduler_config.json only if the model was trained with one of them."
             )
@@ -216,9 +217,9 @@ def from_checkpoint(
     if is_tf1_checkpoint(local) or local.is_file():
         return from_release(local, ema, image_size, variance)
     if not ema:
-        raise ValueError(f"{path}: only a TF1 checkpoint holds raw and EMA weights side by side; drop --noema.")
+        raise CheckpointError(f"{path}: only a TF1 checkpoint holds raw and EMA weights side by side; drop --noema.")
     if variance is not None:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: a diffusers model samples with its scheduler_config.json's variance_type; drop --variance."
         )
     return from_diffusers(path, download)

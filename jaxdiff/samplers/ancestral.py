@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn, normal_noise
+from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.common import _model_prediction, _sample_down, _scan_steps
 from jaxdiff.schedules import Schedule
 
@@ -28,7 +29,7 @@ __all__ = ["check_eta", "ddim_invert", "ddim_sample", "ddim_step", "ddpm_sample"
 def check_eta(eta: float) -> None:
     """Raise a ValueError unless eta >= 0."""
     if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
+        raise ConfigError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
 
 
 def ddpm_step(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion import ModelFn, fold_keys, key_per_example, normal_noise
+from jaxdiff.errors import ConfigError
 from jaxdiff.schedules import Schedule, timestep_at
 
 __all__ = ["Trajectory", "dynamic_threshold", "predictions_between_steps"]
@@ -60,7 +61,7 @@ def _scan_steps(step_fn, x_init, ts, trajectory_every: int | None):
         x, _ = jax.lax.scan(lambda x, t: (step_fn(x, t)[0], None), x_init, ts)
         return x, None
     if trajectory_every < 1:
-        raise ValueError(f"trajectory_every must be >= 1, got {trajectory_every}.")
+        raise ConfigError(f"trajectory_every must be >= 1, got {trajectory_every}.")
     n = ts.shape[0]
     k = min(trajectory_every, n)
     chunks = -(-n // k)

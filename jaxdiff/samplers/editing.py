@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import ModelFn, fold_keys, normal_noise
+from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.ancestral import ddpm_step
 from jaxdiff.samplers.common import _split, _starting_noise
 from jaxdiff.schedules import Schedule, truncated
@@ -21,7 +22,7 @@ __all__ = ["check_mask", "check_strength", "repaint_path", "repaint_sample", "sd
 def check_strength(strength: float) -> None:
     """Raise a ValueError unless 0 <= strength <= 1."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"strength must lie in [0, 1] (0 returns the given images, 1 starts from nearly pure noise), got "
             f"{strength}."
         )
@@ -72,7 +73,7 @@ def repaint_path(num_steps: int, jump_length: int = 10, resamplings: int = 1) ->
       ValueError: ``jump_length`` or ``resamplings`` < 1.
     """
     if jump_length < 1 or resamplings < 1:
-        raise ValueError(f"jump_length and resamplings must be >= 1, got {jump_length} and {resamplings}.")
+        raise ConfigError(f"jump_length and resamplings must be >= 1, got {jump_length} and {resamplings}.")
     jumps_left = {n: resamplings - 1 for n in range(jump_length, num_steps - jump_length + 1, jump_length)}
     path, level = [], num_steps
     while level > 0:
@@ -94,7 +95,7 @@ def check_mask(mask: jax.Array | np.ndarray, shape: tuple[int, ...]) -> None:
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(
+        raise ConfigError(
             f"The mask's shape {mask_shape} does not fit images of shape {tuple(shape)}: give [H, W, 1], [H, W, C] "
             "or [B, H, W, C] (1 = known pixel, kept; 0 = filled in)."
         )

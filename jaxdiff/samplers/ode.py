@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import ModelFn, fold_keys, normal_noise
+from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.common import _data_prediction, _downwards, _finish_x0, _starting_noise, predictions_between_steps
 from jaxdiff.schedules import Schedule, log_sigmas
 
@@ -115,9 +116,9 @@ def dpm_solver_sample(
       x_0 ``[B, ...]``.
     """
     if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}.")
+        raise ConfigError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}.")
     if third_order not in THIRD_ORDER_FORMS:
-        raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_FORMS)}, got {third_order!r}.")
+        raise ConfigError(f"third_order must be one of {', '.join(THIRD_ORDER_FORMS)}, got {third_order!r}.")
     curve_weight = 1.0 if third_order == "exact" else 0.5
     T = schedule.num_timesteps
     x_T = _starting_noise(key, shape, T, x_T)
@@ -178,7 +179,7 @@ def heun_sample(
     ``s_churn = 0`` (the default) is the deterministic solver.
     """
     if not (s_churn >= 0 and s_noise >= 0 and s_tmin <= s_tmax):
-        raise ValueError(
+        raise ConfigError(
             f"Heun's churn needs s_churn >= 0, s_noise >= 0 and s_tmin <= s_tmax; got {s_churn}, {s_noise}, "
             f"{s_tmin}, {s_tmax}."
         )
