@@ -3,7 +3,8 @@
 Each section is one typed dataclass, key for key (``jaxdiff.experiment.run_config``): data -> DataConfig;
 model -> UNetConfig (image size, channels, learned-variance output and classes come from the data); diffusion ->
 DiffusionConfig; optim -> OptimConfig; training, sampling, evaluation -> experiment's TrainingConfig,
-SamplingConfig, EvaluationConfig.
+SamplingConfig, EvaluationConfig. The dataclasses' defaults are these values, key for key (tests/test_config.py): the
+library's defaults and the default run are one setting, the DDPM paper's, written out here with their reasons.
 """
 
 import ml_collections
@@ -17,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.dataset = "cifar10"
     c.data.split = "train"
     c.data.eval_split = "test"  # held-out batch for the bound in bits/dim
-    c.data.image_size = 32
+    # None: the dataset's own size (cifar10 32, digits 8, mnist and fashion_mnist 28); set it for any other dataset
+    c.data.image_size = ml_collections.config_dict.placeholder(int)
     c.data.random_flip = True
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
     c.data.download = False  # never download unless asked
@@ -82,8 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.clip_x0 = True
     c.sampling.guidance = 0.0  # classifier-free guidance w of a class-conditional model: sample.py's and the run's own
-    # Autoguidance w (Karras et al. 2024): the model guided away from its own EMA at step guide_step (kept for good)
+    # Autoguidance w (Karras et al. 2024): the model guided away from its own EMA at an earlier step (kept for good):
+    # step round(guide_fraction * num_steps), so the guide stays inside a run made shorter or longer by an override.
     c.sampling.autoguidance = 0.0
+    c.sampling.guide_fraction = 1 / 3
+    # An absolute guide step instead (configs written before guide_fraction); one not before the run's end is ignored
+    # for guide_fraction, with a log line. Set with autoguidance = 0, the run still keeps that step's checkpoint.
     c.sampling.guide_step = ml_collections.config_dict.placeholder(int)
     # The deterministic samplers; not ancestral DDPM (see experiment.py).
     c.sampling.autoguided_samplers = ("ddim", "dpm++2m", "dpm++3m", "dpm++3m-ref", "heun")

@@ -95,8 +95,9 @@ def reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
     with a barrier of the manager's processes, and a host that failed to read would never reach the others' (they
     would wait for ever, or pair it with its next restore). Every process reads a replicated state whole anyway."""
     me = jax.process_index()
+    # Not read_only=True: Orbax logs two warnings each time such a manager opens ("Given directory is read only", and
+    # that save_interval_steps is set to 0). This one never saves, creates or cleans up, so it writes nothing either.
     options = ocp.CheckpointManagerOptions(
-        read_only=True,
         create=False,
         save_interval_steps=0,
         cleanup_tmp_directories=False,
@@ -283,8 +284,8 @@ class SamplingCheckpoint:
 
 
 def _no_checkpoint(workdir) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"No checkpoint in {checkpoint_dir(workdir)}: train first (python train.py --workdir={workdir}), or pass "
+    return MissingFileError(
+        f"No checkpoint in {checkpoint_dir(workdir)}: train first (jaxdiff-train --workdir={workdir}), or pass "
         "the workdir of a run that saved one."
     )
 

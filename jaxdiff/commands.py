@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 
 import jax
@@ -34,6 +33,7 @@ __all__ = [
     "BOUND_EVALS",
     "EVALS",
     "EVAL_BATCH",
+    "FID_SAMPLER",
     "SAMPLE_PIXELS",
     "SampleRequest",
     "batch_for",
@@ -42,6 +42,7 @@ __all__ = [
     "evaluate_bpd",
     "evaluate_ode_bpd",
     "fid_reference",
+    "fid_sampler",
     "load_samples",
     "report_fid",
     "sample",
@@ -61,20 +62,38 @@ def batch_for(image_shape: tuple[int, int, int]) -> int:
     return max(1, SAMPLE_PIXELS // math.prod(image_shape))
 
 
+#: ``--eval=fid``'s sampler and steps for an imported model: EvaluationConfig's defaults (the training-time FID's).
+FID_SAMPLER = ("ddim", 100)
+
+
+def fid_sampler(workdir: str | None) -> tuple[str, int | None]:
+    """The sampler and steps of ``--eval=fid`` when ``--sampler`` is not given: the run's own training-time FID's
+    (``config.evaluation.sampler`` and ``steps`` in ``<workdir>/config.json``; steps 0 is all T), else
+    :data:`FID_SAMPLER`. Never all T steps of ancestral DDPM by default: 50,000 CIFAR-10 samples would be 50M network
+    calls."""
+    if workdir is not None:
+        try:
+            evaluation = json.loads((pathlib.Path(workdir) / "config.json").read_text())["evaluation"]
+            return evaluation["sampler"], (evaluation["steps"] or None)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return FID_SAMPLER
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
     """One run of ``sample.py``: which model, what to draw, and what to evaluate (see its flags)."""
 
     workdir: str | None = None
-    step: int | None = None
-    checkpoint: str | None = None
-    ema: bool = True  # --checkpoint of the TF1 release: its EMA shadows, or the raw weights
-    image_size: int | None = None  # --checkpoint of the release with an unpublished architecture
-    variance: str | None = None  # --checkpoint of the release: the reverse variance (None: read off the channels)
+    checkpoint_step: int | None = None  # --workdir: which checkpoint (None: the newest readable)
+    pretrained: str | None = None  # an imported model (TF1 release, its PyTorch port, diffusers)
+    ema: bool = True  # --pretrained of the TF1 release: its EMA shadows, or the raw weights
+    image_size: int | None = None  # --pretrained of the release with an unpublished architecture
+    variance: str | None = None  # --pretrained of the release: the reverse variance (None: read off the channels)
     num_samples: int = 64
     batch_size: int | None = None  # None: batch_for(), by image size
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: all T for ddpm, 50 for ddim, 20 for the ODE solvers
+    sampler: str | None = None  # None: ddpm; with eval="fid", the training-time FID's (fid_sampler)
+    steps: int | None = None  # None: all T for ddpm, 50 for ddim, 20 for the ODE solvers; fid: the FID sampler's
     spacing: str | None = None  # None: the sampler's own grid
     eta: float = 0.0
     seed: int = 0
@@ -104,12 +123,18 @@ class SampleRequest:
     tolerance: float = 1e-5
 
     def __post_init__(self):
-        if (self.workdir is None) == (self.checkpoint is None):
-            raise ConfigError("Pass exactly one of --workdir (a training run) or --checkpoint (an imported model).")
+        if (self.workdir is None) == (self.pretrained is None):
+            raise ConfigError("Pass exactly one of --workdir (a training run) or --pretrained (an imported model).")
+        if self.workdir is None and self.checkpoint_step is not None:
+            raise ConfigError("--checkpoint_step picks a checkpoint of a run's --workdir; --pretrained has none.")
         if self.workdir is not None and (not self.ema or self.image_size is not None):
-            raise ConfigError("--noema and --image_size apply to --checkpoint; a --workdir samples its EMA parameters.")
+            raise ConfigError("--noema and --image_size apply to --pretrained; a --workdir samples its EMA parameters.")
         if self.workdir is not None and self.variance is not None:
-            raise ConfigError("--variance applies to --checkpoint; a --workdir samples with the variance it trained.")
+            raise ConfigError("--variance applies to --pretrained; a --workdir samples with the variance it trained.")
+        if self.sampler is None:
+            sampler, steps = fid_sampler(self.workdir) if self.eval == "fid" else ("ddpm", self.steps)
+            object.__setattr__(self, "sampler", sampler)
+            object.__setattr__(self, "steps", self.steps if self.steps is not None else steps)
         if self.num_samples < 1:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}.")
         if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
@@ -151,31 +176,29 @@ class SampleRequest:
 
 
 def sample(request: SampleRequest) -> int:
-    """Run ``request``; returns the exit status (2 with the reason on stderr for a request that cannot be met)."""
-    try:
-        if request.workdir is not None:
-            # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
-            guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance
-            pipe = pipeline.from_workdir(request.workdir, request.step, guided, request.sampler)
-        else:
-            pipe = pipeline.from_checkpoint(
-                request.checkpoint, request.download, request.ema, request.image_size, request.variance
-            )
-        r = request
-        edit = r.edit(pipe)
-        pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
-        if request.eval in BOUND_EVALS:
-            (evaluate_bpd if request.eval == "bpd" else evaluate_ode_bpd)(pipe, request)
-            return 0
-        given = load_samples(request.samples) if request.samples is not None else None
-        init = load_samples(request.init_images) if request.init_images is not None else None
-        if init is not None:
-            pipeline.check_images_fit(pipe, init, request.init_images)
-        if request.eval == "fid":
-            extractor, reference, reference_name, per_class = fid_reference(pipe, request)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
+    """Run ``request``; returns the exit status (0). A request that cannot be met raises a
+    :class:`~jaxdiff.errors.JaxdiffError` before anything compiles (``jaxdiff-sample`` prints it as one line and exits
+    with 2)."""
+    if request.workdir is not None:
+        # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
+        guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance
+        pipe = pipeline.from_workdir(request.workdir, request.checkpoint_step, guided, request.sampler)
+    else:
+        pipe = pipeline.from_checkpoint(
+            request.pretrained, request.download, request.ema, request.image_size, request.variance
+        )
+    r = request
+    edit = r.edit(pipe)
+    pipeline.check_request(pipe, r.sampler, r.sampling_steps, r.eta, r.label, r.guidance, edit, r.churn)
+    if request.eval in BOUND_EVALS:
+        (evaluate_bpd if request.eval == "bpd" else evaluate_ode_bpd)(pipe, request)
+        return 0
+    given = load_samples(request.samples) if request.samples is not None else None
+    init = load_samples(request.init_images) if request.init_images is not None else None
+    if init is not None:
+        pipeline.check_images_fit(pipe, init, request.init_images)
+    if request.eval == "fid":
+        extractor, reference, reference_name, per_class = fid_reference(pipe, request)
     drawn = given if given is not None else draw(pipe, request, edit, init)
     if request.eval == "fid":
         # Drawn by a class-conditional model: each image's requested class (--label, or the classes in turn).

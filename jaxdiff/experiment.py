@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -91,30 +92,70 @@ class SamplingConfig:
     ``--guidance`` says otherwise.
 
     ``autoguidance``: the scale w of autoguidance (:func:`jaxdiff.pipeline.autoguided`), the model guided away from
-    its own EMA parameters at step ``guide_step``, for the samplers in ``autoguided_samplers`` (by default the
-    deterministic ones: on the digits default, guiding ancestral DDPM as well moved its samples away from the data).
-    The run saves and keeps a checkpoint at ``guide_step``. Its grids (DDPM) and FID (``evaluation.sampler``) after
-    that step are autoguided when their sampler is one of those, and so is ``sample.py`` unless ``--autoguidance``
-    says otherwise.
+    its own EMA parameters at an earlier step of the run, the guide's, for the samplers in ``autoguided_samplers`` (by
+    default the deterministic ones: on the digits default, guiding ancestral DDPM as well moved its samples away from
+    the data). The run saves and keeps a checkpoint at the guide's step. Its grids (DDPM) and FID
+    (``evaluation.sampler``) after that step are autoguided when their sampler is one of those, and so is
+    ``sample.py`` unless ``--autoguidance`` says otherwise.
+
+    ``guide_fraction``: the guide's step as a share f of the run, in (0, 1): step round(f * num_steps), at least 1
+    and before the last, so that an override of ``training.num_steps`` moves the guide with the run's end.
+    ``guide_step``: an absolute step instead (configs written before ``guide_fraction``), used when it is before the
+    run's end; set with ``autoguidance = 0``, the run still keeps that checkpoint (for ``sample.py --autoguidance``).
+    :meth:`for_run` resolves them: in a :class:`RunConfig`, ``guide_step`` is the guide's step (None: no guide), the
+    step that the run's :class:`~jaxdiff.spec.ModelSpec` records.
     """
 
     clip_x0: bool = True
     guidance: float = 0.0
     autoguidance: float = 0.0
+    guide_fraction: float = 1 / 3
     guide_step: int | None = None
     autoguided_samplers: tuple[str, ...] = samplers.DETERMINISTIC_SAMPLERS
 
     def __post_init__(self):
-        if self.autoguidance != 0 and self.guide_step is None:
+        f = self.guide_fraction
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1:
             raise ConfigError(
-                "config.sampling.autoguidance needs a guide: set config.sampling.guide_step to an earlier step of the "
-                "run (e.g. a third of config.training.num_steps), or autoguidance=0."
+                f"config.sampling.guide_fraction must lie in (0, 1), the guide's step as a share of the run's steps "
+                f"(e.g. 1/3); got {f!r}."
             )
         if self.guide_step is not None and (isinstance(self.guide_step, bool) or self.guide_step < 1):
             raise ConfigError(f"config.sampling.guide_step must be a step >= 1 (or None), got {self.guide_step!r}.")
         object.__setattr__(self, "autoguided_samplers", tuple(self.autoguided_samplers))
         for name in self.autoguided_samplers:
             diffusion.check_choice("sampler in config.sampling.autoguided_samplers", name, samplers.SAMPLERS)
+
+    def for_run(self, num_steps: int) -> tuple[SamplingConfig, str | None]:
+        """These settings with the guide's step resolved for a run of ``num_steps`` steps, and a line for the log
+        where the config's own could not be followed (None where it was).
+
+        A guide is wanted when ``autoguidance != 0`` or ``guide_step`` is set. Its step is ``guide_step`` when that
+        is below ``num_steps``, else ``clip(round(guide_fraction * num_steps), 1, num_steps - 1)`` (a ``guide_step``
+        at or past the end, as an override that shortens the run leaves it, is replaced by the fraction's: the step
+        just before the end would guide the model by itself). A run of one step has no earlier step: the guide is off
+        (``autoguidance = 0``, ``guide_step = None``).
+        """
+        w, g = self.autoguidance, self.guide_step
+        if w == 0 and g is None:
+            return self, None
+        if num_steps < 2:
+            note = (
+                f"A run of {num_steps} step has no earlier step to be autoguided by: autoguidance is off "
+                f"(config.sampling.autoguidance = {w:g}, guide_step = {g}); train for 2 steps or more to have a guide."
+            )
+            return dataclasses.replace(self, autoguidance=0.0, guide_step=None), note
+        share = min(max(math.floor(self.guide_fraction * num_steps + 0.5), 1), num_steps - 1)
+        if g is None:
+            return dataclasses.replace(self, guide_step=share), None
+        if g < num_steps:
+            return self, None
+        note = (
+            f"config.sampling.guide_step = {g} is not before the run's end (config.training.num_steps = {num_steps}): "
+            f"the guide is the EMA at step {share} instead, config.sampling.guide_fraction = {self.guide_fraction:.4g} "
+            "of the run. Set guide_step below num_steps to choose another."
+        )
+        return dataclasses.replace(self, guide_step=share), note
 
     @property
     def guide_steps(self) -> tuple[int, ...]:
@@ -165,7 +206,13 @@ class RunConfig:
 
 def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     """The typed settings of ``config``, each section mapped onto its dataclass by name (a key without a field, or a
-    wrong value, fails here with the dataclass's own message)."""
+    wrong value, fails here with the dataclass's own message).
+
+    Any ``training.num_steps >= 1`` gives a run: the guide's step is resolved for it (:meth:`SamplingConfig.for_run`,
+    with a log line where the config's own cannot be followed), and a warmup as long as the run is logged. The
+    periodic actions need nothing: each also runs after the last step (:func:`jaxdiff.actions.every`), so a period
+    longer than the run means once, at its end.
+    """
     c = config.to_dict()
     if c["sampling"].get("guidance", 0.0) != 0 and not (
         c["data"].get("class_conditional") and c["diffusion"].get("label_dropout", 0.0) > 0
@@ -174,29 +221,53 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
             "config.sampling.guidance needs a class-conditional model that also learned the unconditional one: set "
             "config.data.class_conditional=True and config.diffusion.label_dropout > 0 (e.g. 0.1), or guidance=0."
         )
-    guide_step, num_steps = c["sampling"].get("guide_step"), c["training"]["num_steps"]
-    if c["sampling"].get("autoguidance", 0.0) != 0 and isinstance(guide_step, int) and guide_step >= num_steps:
-        raise ConfigError(
-            f"config.sampling.guide_step = {guide_step} is not before the run's end (config.training.num_steps = "
-            f"{num_steps}): autoguidance's guide is the model at an earlier step. Set guide_step below num_steps "
-            "(e.g. a third of it), or config.sampling.autoguidance=0."
-        )
     accum, batch = c["optim"].get("grad_accum_steps", 1), c["training"]["batch_size"]
     if isinstance(accum, int) and accum >= 1 and batch % accum:
         raise ConfigError(
             f"config.training.batch_size = {batch} (the batch of one optimizer update) does not split into "
             f"config.optim.grad_accum_steps = {accum} micro-batches; make the batch a multiple of it."
         )
+    training = TrainingConfig(**c["training"])
+    optim = OptimConfig(**c["optim"], total_steps=training.num_steps)
+    sampling, note = SamplingConfig(**c["sampling"]).for_run(training.num_steps)
+    if note:
+        log(note)
+    if 0 < training.num_steps <= optim.warmup_steps:
+        log(
+            f"config.optim.warmup_steps = {optim.warmup_steps} is not shorter than the run (config.training.num_steps "
+            f"= {training.num_steps}): the learning rate rises all run, to {training.num_steps}/{optim.warmup_steps} "
+            "of config.optim.lr, and no decay starts. Fine for a smoke run; to learn, set warmup_steps below num_steps."
+        )
     return RunConfig(
         seed=c["seed"],
         data=DataConfig(**c["data"]),
         model=dict(c["model"]),
         diffusion=DiffusionConfig(**c["diffusion"]),
-        optim=OptimConfig(**c["optim"], total_steps=c["training"]["num_steps"]),
-        training=TrainingConfig(**c["training"]),
-        sampling=SamplingConfig(**c["sampling"]),
+        optim=optim,
+        training=training,
+        sampling=sampling,
         evaluation=EvaluationConfig(**c["evaluation"]),
     )
+
+
+def _resumed_guide(run: RunConfig, stored: dict | None, explicit: bool) -> tuple[RunConfig, str | None]:
+    """``run`` resuming a run whose checkpoint stored the config ``stored`` (None: a fresh run), and a line for the log
+    where its guide changes.
+
+    A resumed run keeps the guide it has: the guide's step that the stored config records (a run records the step it
+    resolved) stays, rather than the one that ``guide_fraction`` of a new ``num_steps`` gives, whose checkpoint was
+    never kept. An ``explicit`` ``config.sampling.guide_step`` (not None in the config) is the user's choice, and kept;
+    so is a stored step at or past the new end.
+    """
+    had = (stored or {}).get("sampling", {}).get("guide_step")
+    now = run.sampling.guide_step
+    if explicit or now is None or not isinstance(had, int) or had == now or had >= run.training.num_steps:
+        return run, None
+    note = (
+        f"Resuming an autoguided run: its guide stays the EMA at step {had}, the checkpoint it kept (guide_fraction of "
+        f"the new num_steps would be step {now}). Set config.sampling.guide_step to choose another."
+    )
+    return dataclasses.replace(run, sampling=dataclasses.replace(run.sampling, guide_step=had)), note
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
@@ -207,6 +278,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     began = time.perf_counter()
     run = run_config(config)
     workdir = _writable(pathlib.Path(workdir))
+    if run.sampling.guide_step is not None:  # on every process alike: restore_config agrees with the others
+        try:
+            stored = checkpoints.restore_config(workdir)
+        except FileNotFoundError:
+            stored = None  # a fresh run
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # the restore below sets a damaged one aside
+            log(f"Cannot read the newest checkpoint's config for its guide ({e}); resolving the guide afresh.")
+            stored = None
+        run, note = _resumed_guide(run, stored, explicit=config.sampling.guide_step is not None)
+        if note:
+            log(note)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(run.training.batch_size, mesh)
     batches = make_batches(
@@ -235,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     def prepare():  # here, while the step compiles (or loads from the compilation cache) on a thread
         state, manager = _initial_state(workdir, run, network, mesh, fresh, target)
         config_json = json.loads(config.to_json_best_effort())
+        config_json["sampling"]["guide_step"] = s.guide_step  # the step resolved: a resumed run keeps this guide
         if logs.is_main_process():
             (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
         writer = logs.metric_writer(workdir)

@@ -21,6 +21,13 @@ from jaxdiff.schedules import beta_schedule
 
 #: How training draws t: uniformly, or by importance (for training on the bound).
 T_SAMPLINGS = ("uniform", "importance")
+#: What a stored spec meant by a field it lacks, where the dataclass's default has changed since: the former defaults
+#: (DataConfig was digits at 8x8, unflipped; DiffusionConfig's variance fixed_small). A spec written since stores every
+#: field, so only a spec (or a jaxdiff 0.1 checkpoint's config) written before a field existed reads these.
+_FORMER_DEFAULTS = {
+    "data": {"dataset": "digits", "image_size": 8, "random_flip": False},
+    "diffusion": {"variance": "fixed_small"},
+}
 
 __all__ = ["T_SAMPLINGS", "DiffusionConfig", "ModelSpec"]
 
@@ -37,6 +44,9 @@ class DiffusionConfig:
     :func:`jaxdiff.losses.training_losses`. ``t_sampling='importance'`` draws t with probability proportional to
     sqrt(E[L_t^2]) over the last 10 losses at each t (Nichol & Dhariwal 2021, for training on the bound).
     ``label_dropout`` replaces a label by the null class with that probability (for classifier-free guidance).
+
+    The defaults are configs/default.py's, DDPM's CIFAR-10 process (``variance='fixed_large'``, sigma^2 = beta), as
+    every other section's dataclass has that file's values (tests/test_config.py checks the two agree).
     """
 
     num_timesteps: int = 1000
@@ -45,7 +55,7 @@ class DiffusionConfig:
     beta_end: float | None = None
     loss_type: str = "simple"
     prediction: str = "eps"
-    variance: str = "fixed_small"
+    variance: str = "fixed_large"
     weighting: str = "none"
     snr_gamma: float = 5.0
     vb_weight: float = 0.001
@@ -89,12 +99,14 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, spec: dict) -> ModelSpec:
+        """The spec that :meth:`to_json` wrote; a field the JSON lacks (a spec from before it existed) means what it
+        meant then: the dataclass's default, or its former one where that has changed (``_FORMER_DEFAULTS``)."""
         data = spec.get("data")
         return cls(
             network=UNetConfig(**spec["network"]),
-            diffusion=DiffusionConfig(**spec["diffusion"]),
+            diffusion=DiffusionConfig(**{**_FORMER_DEFAULTS["diffusion"], **spec["diffusion"]}),
             clip_x0=bool(spec.get("clip_x0", True)),
-            data=DataConfig(**data) if data is not None else None,
+            data=DataConfig(**{**_FORMER_DEFAULTS["data"], **data}) if data is not None else None,
             guidance=float(spec.get("guidance", 0.0)),
             autoguidance=float(spec.get("autoguidance", 0.0)),
             guide_step=spec.get("guide_step"),

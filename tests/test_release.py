@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import commands, diffusion, pipeline
+from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import UNet, release
 from tests.helpers import ROOT
 
@@ -380,7 +381,7 @@ def test_sample_py_samples_a_learned_variance_checkpoint_and_refuses_a_variance_
     learned_release, tmp_path, subprocess_env
 ):
     prefix, _ = learned_release
-    command = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={prefix}", "--image_size=8", "--num_samples=2"]
+    command = [sys.executable, str(ROOT / "sample.py"), f"--pretrained={prefix}", "--image_size=8", "--num_samples=2"]
     run = lambda *extra: subprocess.run(
         [*command, *extra], env=subprocess_env, capture_output=True, text=True, timeout=600
     )
@@ -441,8 +442,9 @@ def test_a_checkpoint_without_shadows_says_to_load_the_raw_weights(small_release
         pipeline.from_release(prefix, ema=False, image_size=8)
     with pytest.raises(FileNotFoundError, match="neither a TF1 checkpoint"):
         pipeline.from_release(tmp_path / "model.ckpt-2")
-    request = commands.SampleRequest(checkpoint=str(tmp_path / "model.ckpt-1"), num_samples=2, out=str(tmp_path / "o"))
-    assert commands.sample(request) == 2  # unpublished architecture without --image_size: a clear error, no trace
+    request = commands.SampleRequest(pretrained=str(tmp_path / "model.ckpt-1"), num_samples=2, out=str(tmp_path / "o"))
+    with pytest.raises(JaxdiffError, match="image_size"):  # an unpublished architecture without --image_size
+        commands.sample(request)
     with pytest.raises(ValueError, match="--noema and --image_size apply to --checkpoint"):
         commands.SampleRequest(workdir=str(tmp_path), ema=False)
 

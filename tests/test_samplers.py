@@ -625,11 +625,11 @@ def test_repaint_keeps_the_known_pixels_and_samples_the_conditional_gaussian():
     x0 = np.zeros((N, *SHAPE), np.float32)
     x0.reshape(N, 4)[:, :2] = known_values
     x0.reshape(N, 4)[:, 2:] = 5.0  # the unknown pixels' values must play no part
-    known = np.array([1, 1, 0, 0], np.float32).reshape(SHAPE)
+    hole = np.array([0, 0, 1, 1], np.float32).reshape(SHAPE)  # the last two pixels are filled in
     schedule = samplers.respaced(beta_schedule("linear", T), 250)
     run = jax.jit(
         lambda key: samplers.repaint_sample(
-            schedule, correlated_eps, jnp.asarray(x0), known, key, jump_length=5, resamplings=10, clip_x0=False
+            schedule, correlated_eps, jnp.asarray(x0), key, mask=hole, jump_length=5, resamplings=10, clip_x0=False
         )
     )
     x = np.asarray(run(jax.random.key(0)), np.float64).reshape(N, 4)
@@ -645,8 +645,8 @@ def test_repaint_keeps_the_known_pixels_and_samples_the_conditional_gaussian():
     np.testing.assert_array_less(np.abs(x[:, 2:].mean(0) - mean), 5 * se + 0.02)
     np.testing.assert_array_less(np.abs(np.cov(x[:, 2:].T) - cov), 5 * np.sqrt(2 / N) * 0.16 + 0.02)
     assert np.all(np.abs(x[:, 2:].mean(0) - COV_MEAN[u]) > 0.08)
-    with pytest.raises(ValueError, match="does not fit images"):
-        samplers.repaint_sample(schedule, correlated_eps, jnp.asarray(x0), np.ones((3, 2, 1)), KEY)
+    with pytest.raises(ValueError, match=r"does not fit images .* \(1 = filled in, 0 = kept\)"):
+        samplers.repaint_sample(schedule, correlated_eps, jnp.asarray(x0), KEY, mask=np.ones((3, 2, 1)))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta", "heun_churn", "sdedit", "repaint"])
@@ -656,7 +656,7 @@ def test_with_a_key_per_image_an_image_does_not_depend_on_its_batch(sampler):
     differ from one another (each key its own noise)."""
     schedule = samplers.respaced(beta_schedule("linear", T), 8, "karras" if sampler == "heun_churn" else "even")
     given = jnp.broadcast_to(jnp.asarray(DATA_MEAN), (4, *SHAPE))
-    known = jnp.asarray(np.array([1.0, 0.0, 1.0, 0.0], np.float32).reshape(SHAPE))
+    hole = jnp.asarray(np.array([0.0, 1.0, 0.0, 1.0], np.float32).reshape(SHAPE))
 
     def draw(keys, x0):
         shape = x0.shape
@@ -669,7 +669,7 @@ def test_with_a_key_per_image_an_image_does_not_depend_on_its_batch(sampler):
         if sampler == "sdedit":
             start = lambda s, k, x_T: samplers.ddim_sample(s, optimal_eps, x_T.shape, k, x_T=x_T, eta=1.0)
             return samplers.sdedit(start, schedule, x0, 0.5, keys)
-        return samplers.repaint_sample(schedule, optimal_eps, x0, known, keys, jump_length=2, resamplings=2)
+        return samplers.repaint_sample(schedule, optimal_eps, x0, keys, mask=hole, jump_length=2, resamplings=2)
 
     keys = parallel.example_keys(jax.random.key(7), jnp.arange(4))
     run = jax.jit(draw)

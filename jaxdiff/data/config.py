@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxdiff.errors import DataError
+from jaxdiff.errors import ConfigError, DataError
 
 #: The datasets jaxdiff's configs name (any TFDS image dataset works).
 KNOWN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "celeb_a_hq", "lsun")
 #: How a split is read (``DataConfig.reader``): chosen by size, whole in memory, or streamed.
 READERS = ("auto", "memory", "stream")
+#: The datasets whose images all have one size, and that size: ``DataConfig.image_size = None`` reads them at it.
+_OWN_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
 
 __all__ = ["KNOWN_DATASETS", "READERS", "DataConfig"]
 
@@ -22,7 +24,9 @@ __all__ = ["KNOWN_DATASETS", "READERS", "DataConfig"]
 class DataConfig:
     """What to read and how to shape it.
 
-    ``config.data`` of a run, field for field.
+    ``config.data`` of a run, field for field, with configs/default.py's defaults (CIFAR-10 at 32x32, flipped), as every
+    other section's dataclass has that file's values: ``DataConfig()`` is what ``config.data`` of the default config
+    resolves to (tests/test_config.py checks the two agree).
 
     Attributes:
       dataset: a TFDS name (``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeb_a``, ``lsun/church_outdoor``,
@@ -30,6 +34,8 @@ class DataConfig:
       split: e.g. ``train``, ``test``, ``train[:90%]``.
       eval_split: the held-out split (the bound in bits/dim).
       image_size: output height = width (images are centre-cropped to a square, then resized, if they differ).
+        ``None``: the dataset's own size, for those whose images have one (digits 8, mnist and fashion_mnist 28,
+        cifar10 32); any other dataset needs it set. Set at construction: ``config.image_size`` is always an int.
       random_flip: flip each image left-right with probability 1/2.
       data_dir: TFDS data directory (``None``: TFDS's default, ``~/tensorflow_datasets``).
       download: allow TFDS to download and prepare a dataset that is not prepared yet.
@@ -42,11 +48,11 @@ class DataConfig:
       memory_limit_gb: the largest split (decoded uint8 at ``image_size``) that ``auto`` holds in memory.
     """
 
-    dataset: str = "digits"
+    dataset: str = "cifar10"
     split: str = "train"
     eval_split: str = "test"
-    image_size: int = 8
-    random_flip: bool = False
+    image_size: int | None = None
+    random_flip: bool = True
     data_dir: str | None = None
     download: bool = False
     class_conditional: bool = False
@@ -56,6 +62,14 @@ class DataConfig:
     memory_limit_gb: float = 4.0
 
     def __post_init__(self):
+        if self.image_size is None:
+            if self.dataset not in _OWN_SIZES:
+                known = ", ".join(f"{name} {size}" for name, size in _OWN_SIZES.items())
+                raise ConfigError(
+                    f"config.data.image_size is None (the dataset's own size), but {self.dataset!r} has no one size "
+                    f"that jaxdiff knows (it knows {known}): set config.data.image_size, e.g. 64."
+                )
+            object.__setattr__(self, "image_size", _OWN_SIZES[self.dataset])
         if self.reader not in READERS:
             raise DataError(f"config.data.reader must be one of {READERS}, got {self.reader!r}.")
         if not self.memory_limit_gb >= 0:

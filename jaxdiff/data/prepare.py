@@ -3,11 +3,17 @@ download, by process 0 alone on many hosts; the classes it declares."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import pathlib
+
 import tensorflow_datasets as tfds
 
 from jaxdiff.data.config import KNOWN_DATASETS, DataConfig
 from jaxdiff.data.digits import Digits
 from jaxdiff.errors import DataError, MissingFileError
+from jaxdiff.logs import log
 from jaxdiff.parallel import process_verdicts
 
 __all__ = ["num_classes", "prepared_builder"]
@@ -32,12 +38,38 @@ def _builder(config: DataConfig) -> tfds.core.DatasetBuilder:
         ) from e
 
 
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """``builder.is_prepared()`` without its warning ("Variant folder ... has no dataset_info.json", logged whenever
+    the answer is no): the version's folder holds the metadata files that TFDS writes last."""
+    folder = pathlib.Path(builder.data_dir)
+    return all((folder / name).is_file() for name in ("dataset_info.json", "features.json"))
+
+
+def _build_digits(builder: Digits) -> None:
+    """Build the digits (offline, from scikit-learn's bundled copy, in ~2 s) with one line of ours instead of TFDS's
+    messages and progress bars; ``$JAXDIFF_VERBOSE`` shows TFDS's own. TFDS's output is printed if the build fails."""
+    log(f"Building the digits dataset (scikit-learn's 8x8 digits, offline) in {builder.data_dir}; once.")
+    if os.environ.get("JAXDIFF_VERBOSE", "0") not in ("", "0"):
+        builder.download_and_prepare()
+        return
+    captured = io.StringIO()
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(captured):
+            builder.download_and_prepare()
+    except BaseException:
+        print(captured.getvalue(), end="")
+        raise
+    finally:
+        tfds.display_progress_bar(True)  # TFDS's default, for the user's own datasets
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, config: DataConfig) -> None:
     """Build the dataset where it is not prepared: digits offline; others only with ``download``."""
-    if builder.is_prepared():
+    if _is_prepared(builder):
         return
     if isinstance(builder, Digits):
-        builder.download_and_prepare()  # offline: built from scikit-learn's bundled copy
+        _build_digits(builder)
     elif config.download:  # ArrayRecord: both readers can read it (TFRecord has no random access for streaming).
         builder.download_and_prepare(file_format=None if config.reader == "memory" else "array_record")
     else:
@@ -67,7 +99,7 @@ def prepared_builder(config: DataConfig) -> tfds.core.DatasetBuilder:
             except Exception as e:  # raised below, on every process
                 failure = e
         if not process_verdicts(failure is None).all():  # the others wait here for process 0
-            raise failure or RuntimeError(f"Process 0 could not prepare {config.dataset!r}; its log says why.")
+            raise failure or DataError(f"Process 0 could not prepare {config.dataset!r}; its log says why.")
         builder = _builder(config)  # prepared by process 0 where the directory is shared
     _prepare(builder, config)
     if config.image_key not in builder.info.features:

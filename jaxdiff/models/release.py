@@ -148,7 +148,7 @@ def select_weights(variables: Mapping[str, np.ndarray], ema: bool = True) -> dic
         shown = ", ".join(lacking[:6]) + (f", ... ({len(lacking)} in all)" if len(lacking) > 6 else "")
         raise CheckpointError(
             f"The checkpoint holds no ExponentialMovingAverage shadow of {shown}: load its raw weights with "
-            "ema=False (sample.py --noema)."
+            "ema=False (jaxdiff-sample --noema)."
         )
     return {**{n: v for n, v in weights.items() if not n.startswith("model/")}, **shadows}
 
@@ -179,7 +179,7 @@ def variance_for_channels(out_channels: int, in_channels: int, variance: str | N
         outputs = "eps and a log-variance" if learned else "eps only"
         raise CheckpointError(
             f"variance {variance!r} does not fit this network: its {out_channels} output channels are {outputs}, "
-            f"which fit {' or '.join(fitting)}; pass one of those (sample.py --variance), or none to read it off them."
+            f"which fit {' or '.join(fitting)}; pass one of those (jaxdiff-sample --variance), or none to read it off them."
         )
     return variance
 

@@ -143,13 +143,12 @@ def make_sampler(
         if edit is None:
             return from_noise(schedule, model_fn, key, shape)
         if edit.hole is not None:
-            known = 1.0 - jnp.asarray(edit.hole, jnp.float32)
             return samplers.repaint_sample(
                 schedule,
                 model_fn,
                 init,
-                known,
                 key,
+                mask=jnp.asarray(edit.hole, jnp.float32),
                 jump_length=edit.jump_length,
                 resamplings=edit.resamplings,
                 **kwargs,

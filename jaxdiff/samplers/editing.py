@@ -88,7 +88,8 @@ def repaint_path(num_steps: int, jump_length: int = 10, resamplings: int = 1) ->
 
 
 def check_mask(mask: jax.Array | np.ndarray, shape: tuple[int, ...]) -> None:
-    """Raise a ValueError unless ``mask`` broadcasts to the images' ``shape`` ``[B, H, W, C]`` without growing it."""
+    """Raise a ConfigError unless the inpainting ``mask`` (1 = filled in, 0 = kept) broadcasts to the images'
+    ``shape`` ``[B, H, W, C]`` without growing it."""
     mask_shape = tuple(np.shape(mask))
     try:
         fits = np.broadcast_shapes(mask_shape, shape) == tuple(shape)
@@ -97,7 +98,7 @@ def check_mask(mask: jax.Array | np.ndarray, shape: tuple[int, ...]) -> None:
     if not fits:
         raise ConfigError(
             f"The mask's shape {mask_shape} does not fit images of shape {tuple(shape)}: give [H, W, 1], [H, W, C] "
-            "or [B, H, W, C] (1 = known pixel, kept; 0 = filled in)."
+            "or [B, H, W, C] (1 = filled in, 0 = kept)."
         )
 
 
@@ -105,9 +106,9 @@ def repaint_sample(
     schedule: Schedule,
     model_fn: ModelFn,
     x0: jax.Array,
-    mask: jax.Array,
     key: jax.Array,
     *,
+    mask: jax.Array,
     jump_length: int = 10,
     resamplings: int = 1,
     prediction: str = "eps",
@@ -117,21 +118,25 @@ def repaint_sample(
     """RePaint inpainting (Lugmayr et al. 2022): ancestral sampling in which the known pixels are replaced, at every
     step, by the given image noised to that step's level; with resampling jumps to harmonise the two parts.
 
-    Each down-step from level n: x_{n-1} = m * (sqrt(abar_{n-1}) x0 + sqrt(1 - abar_{n-1}) z) + (1 - m) * DDPM(x_n);
+    Each down-step from level n: x_{n-1} = (1 - m) * (sqrt(abar_{n-1}) x0 + sqrt(1 - abar_{n-1}) z) + m * DDPM(x_n),
+    with m the mask (1 where a pixel is filled in);
     each up-step: x_{n+1} = sqrt(1 - beta_{n+1}) x_n + sqrt(beta_{n+1}) z. The walk is :func:`repaint_path`; one
     ``lax.scan`` over it, row i's noise from ``fold_in(key, i)``, x_T from ``fold_in(key, n)`` (n rows). The last
     step sets the known pixels to ``x0`` itself, so they come back exactly.
 
     Args:
-      x0: ``[B, ...]`` images in [-1, 1] (their unknown pixels are ignored).
-      mask: 1 where a pixel is known, 0 where it is to be filled; broadcast to ``x0`` (e.g. ``[H, W, 1]``).
+      x0: ``[B, ...]`` images in [-1, 1] (the pixels to be filled in are ignored).
+      key: one key, or ``[B]`` keys (image b drawn from ``key[b]`` alone).
+      mask: the hole, 1 where a pixel is filled in and 0 where ``x0``'s pixel is kept, as ``jaxdiff-sample --mask``
+        and :class:`jaxdiff.pipeline.Edit` have it (and inpainting tools: white is the hole); broadcast to ``x0``
+        (e.g. ``[H, W, 1]``). Keyword-only: before jaxdiff 0.2 it was positional with the opposite polarity.
       jump_length, resamplings: RePaint's j and r (``resamplings = 1``: no jumps).
 
     Raises:
       ValueError: a mask that does not fit ``x0``.
     """
     check_mask(mask, x0.shape)
-    mask = jnp.broadcast_to(jnp.asarray(mask, x0.dtype), x0.shape)
+    keep = 1.0 - jnp.broadcast_to(jnp.asarray(mask, x0.dtype), x0.shape)
     path = jnp.asarray(repaint_path(schedule.num_timesteps, jump_length, resamplings))
     down = functools.partial(ddpm_step, schedule, model_fn, prediction=prediction, variance=variance, clip_x0=clip_x0)
 
@@ -143,7 +148,7 @@ def repaint_sample(
             unknown, _ = down(x, t, step_key)
             noise = normal_noise(known_key, x.shape, x.dtype)
             known = schedule.sqrt_alphas_cumprod_prev[t] * x0 + jnp.sqrt(1.0 - schedule.alphas_cumprod_prev[t]) * noise
-            return mask * known + (1.0 - mask) * unknown
+            return keep * known + (1.0 - keep) * unknown
 
         def go_up(x):
             noise = normal_noise(step_key, x.shape, x.dtype)
