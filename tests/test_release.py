@@ -436,7 +436,7 @@ def test_errors_name_the_missing_unexpected_and_mis_shaped_variables(small_relea
 def test_a_checkpoint_without_shadows_says_to_load_the_raw_weights(small_release, tmp_path):
     _, raw, _ = small_release
     prefix = write_tf1_checkpoint(tmp_path / "model.ckpt-1", {**raw, "model/extra_thing": np.zeros(2, np.float32)})
-    with pytest.raises(ValueError, match=r"no ExponentialMovingAverage shadow.*ema=False \(sample.py --noema\)"):
+    with pytest.raises(ValueError, match=r"no ExponentialMovingAverage shadow.*ema=False \(jaxdiff-sample --noema\)"):
         pipeline.from_release(prefix, image_size=8)
     with pytest.raises(ValueError, match="unexpected: model/extra_thing"):
         pipeline.from_release(prefix, ema=False, image_size=8)
