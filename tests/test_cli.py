@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,9 +47,26 @@ def foreign_lines(output: str) -> list[str]:
 def installed(tmp_path_factory):
     """A venv holding the wheel of the checkout; the rest of the stack is this environment's. Returns its bin/."""
     where = tmp_path_factory.mktemp("installed")
+    # Built from a copy of what the wheel holds: setuptools leaves a build/ folder where it builds.
+    source = where / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("jaxdiff", "configs"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = where / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            f"--wheel-dir={wheels}",
+            source,
+        ],
         check=True,
         capture_output=True,
         timeout=600,

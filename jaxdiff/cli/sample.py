@@ -43,15 +43,8 @@ __all__ = ["DEPRECATED_FLAGS", "main"]
 DEPRECATED_FLAGS = {"step": "checkpoint_step", "checkpoint": "pretrained"}
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    from jaxdiff import launch
-    from jaxdiff.diffusion import VARIANCES
-    from jaxdiff.samplers import SAMPLERS
-
-    if "num_samples" in flags.FLAGS:  # defined already (main called twice in one process)
-        return
+def _model_flags(flags, variances) -> None:
+    """Which model: a run's workdir (and checkpoint), or an imported one."""
     flags.DEFINE_string("workdir", None, "A training run's workdir: its newest checkpoint's EMA parameters and config.")
     flags.DEFINE_integer(
         "checkpoint_step", None, "With --workdir: the step of the checkpoint to use (default: the newest readable)."
@@ -76,10 +69,14 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "variance",
         None,
-        list(VARIANCES),
+        list(variances),
         "--pretrained of the DDPM release: the reverse variance, which must fit the network's output channels "
         "(default: read off them; C: the published model's, else fixed_large; 2C: Ho's learned log-variance).",
     )
+
+
+def _drawing_flags(flags, samplers) -> None:
+    """How many images, and how they are drawn."""
     flags.DEFINE_integer("num_samples", 64, "How many images.")
     flags.DEFINE_integer(
         "batch_size",
@@ -89,7 +86,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "sampler",
         None,
-        list(SAMPLERS),
+        list(samplers),
         "Ancestral DDPM, DDIM, or an ODE solver (dpm++3m-ref: 3M as DPM-Solver's, diffusers' and k-diffusion's codes "
         "have it; docs/conventions.md). Default: ddpm; with --eval=fid, the run's training-time FID sampler "
         "(config.evaluation.sampler and steps; DDIM over 100 steps for --pretrained).",
@@ -113,6 +110,10 @@ def _define_flags() -> None:
         "default: the run's config.sampling.autoguidance for the samplers in its autoguided_samplers, else none).",
     )
     flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")
+
+
+def _editing_flags(flags) -> None:
+    """Editing given images (SDEdit, inpainting), and where the images go."""
     flags.DEFINE_string(
         "init_images", None, "Edit these images (.npz, uint8 arr_0 [N,H,W,C]) with --strength or --mask."
     )
@@ -132,6 +133,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool(
         "download", False, "Allow fetching a Hugging Face repo id (--pretrained) or the Inception weights."
     )
+
+
+def _eval_flags(flags) -> None:
+    """--eval: the bound, the ODE's bits/dim, FID."""
     flags.DEFINE_enum(
         "eval",
         None,
@@ -164,6 +169,21 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "samples", None, "--eval=fid: judge the images of this samples.npz (arr_0) instead of sampling."
     )
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    from jaxdiff import launch
+    from jaxdiff.diffusion import VARIANCES
+    from jaxdiff.samplers import SAMPLERS
+
+    if "num_samples" in flags.FLAGS:  # defined already (main called twice in one process)
+        return
+    _model_flags(flags, VARIANCES)
+    _drawing_flags(flags, SAMPLERS)
+    _editing_flags(flags)
+    _eval_flags(flags)
     for old, new in DEPRECATED_FLAGS.items():
         kind = flags.DEFINE_integer if new == "checkpoint_step" else flags.DEFINE_string
         kind(old, None, f"Deprecated: use --{new}.")
