@@ -13,7 +13,8 @@ Re-judged against the held-out test digits (issue #31, docs/results.md): autogui
 2026-12-06, raised the classifier score (DDIM-50 9.14 -> 9.55 at 900 samples) but did not bring the samples nearer
 unseen digits (1.11x -> 1.17x the real-data floor on seed 0), and it tripled the near-copies of training digits
 (0.2% -> 1.6%) at twice the network calls. It is off: every sampler samples the network itself. The guide is still
-one override away (--config.sampling.autoguidance=1.5 --config.sampling.guide_step=1000).
+one override away (--config.sampling.autoguidance=1.5 --config.sampling.guide_fraction=0.3333: the EMA at step 1,000
+of 3,000, and a third of any other --config.training.num_steps; a third is guide_fraction's default).
 """
 
 from jaxdiff.configs import default

@@ -232,11 +232,12 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     sampling, note = SamplingConfig(**c["sampling"]).for_run(training.num_steps)
     if note:
         log(note)
-    if 0 < training.num_steps <= optim.warmup_steps:
+    n, warmup = training.num_steps, optim.warmup_steps
+    if n <= warmup:
         log(
-            f"config.optim.warmup_steps = {optim.warmup_steps} is not shorter than the run (config.training.num_steps "
-            f"= {training.num_steps}): the learning rate rises all run, to {training.num_steps}/{optim.warmup_steps} "
-            "of config.optim.lr, and no decay starts. Fine for a smoke run; to learn, set warmup_steps below num_steps."
+            f"config.optim.warmup_steps = {warmup} is not shorter than the run (config.training.num_steps = {n}): the "
+            f"learning rate rises all run (to under {n}/{warmup} of config.optim.lr) and no decay starts. Fine for a "
+            "smoke run; to learn, set warmup_steps below num_steps."
         )
     return RunConfig(
         seed=c["seed"],
@@ -250,18 +251,18 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     )
 
 
-def _resumed_guide(run: RunConfig, stored: dict | None, explicit: bool) -> tuple[RunConfig, str | None]:
+def _resumed_guide(run: RunConfig, stored: dict | None, asked: int | None) -> tuple[RunConfig, str | None]:
     """``run`` resuming a run whose checkpoint stored the config ``stored`` (None: a fresh run), and a line for the log
-    where its guide changes.
+    where its guide changes; ``asked``: the config's own ``sampling.guide_step``.
 
     A resumed run keeps the guide it has: the guide's step that the stored config records (a run records the step it
     resolved) stays, rather than the one that ``guide_fraction`` of a new ``num_steps`` gives, whose checkpoint was
-    never kept. An ``explicit`` ``config.sampling.guide_step`` (not None in the config) is the user's choice, and kept;
-    so is a stored step at or past the new end.
+    never kept. A ``guide_step`` asked for and followed as given is the user's choice, and kept; so is the new guide
+    where the stored step is at or past the new end.
     """
     had = (stored or {}).get("sampling", {}).get("guide_step")
     now = run.sampling.guide_step
-    if explicit or now is None or not isinstance(had, int) or had == now or had >= run.training.num_steps:
+    if now in (None, asked) or not isinstance(had, int) or had == now or had >= run.training.num_steps:
         return run, None
     note = (
         f"Resuming an autoguided run: its guide stays the EMA at step {had}, the checkpoint it kept (guide_fraction of "
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # the restore below sets a damaged one aside
             log(f"Cannot read the newest checkpoint's config for its guide ({e}); resolving the guide afresh.")
             stored = None
-        run, note = _resumed_guide(run, stored, explicit=config.sampling.guide_step is not None)
+        run, note = _resumed_guide(run, stored, config.sampling.guide_step)
         if note:
             log(note)
     mesh = parallel.make_mesh()

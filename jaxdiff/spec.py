@@ -22,8 +22,9 @@ from jaxdiff.schedules import beta_schedule
 #: How training draws t: uniformly, or by importance (for training on the bound).
 T_SAMPLINGS = ("uniform", "importance")
 #: What a stored spec meant by a field it lacks, where the dataclass's default has changed since: the former defaults
-#: (DataConfig was digits at 8x8, unflipped; DiffusionConfig's variance fixed_small). A spec written since stores every
-#: field, so only a spec (or a jaxdiff 0.1 checkpoint's config) written before a field existed reads these.
+#: (DataConfig was digits at 8x8, unflipped; DiffusionConfig's variance fixed_small). A spec stores every field of its
+#: time (``to_json`` is ``dataclasses.asdict``), so only one from before a field existed (or a jaxdiff 0.1
+#: checkpoint's config, which stands for its spec) reads these.
 _FORMER_DEFAULTS = {
     "data": {"dataset": "digits", "image_size": 8, "random_flip": False},
     "diffusion": {"variance": "fixed_small"},

@@ -2,9 +2,9 @@
 diffusers folder with ``.safetensors`` weights, and a run's checkpoints, each read back in a process of its own
 (``tests/damage_worker.py``), so that a crash of the interpreter fails the test instead of ending it.
 
-Each copy gives a clear error (a ValueError that names the file and what is wrong), or values equal to the
-original's; only where the format has no checksum of its values (safetensors) may a changed byte of the values come
-back, and then only that byte: nothing is read out of bounds.
+Each copy gives a clear error (jaxdiff's CheckpointError, a ValueError, that names the file and what is wrong), or
+values equal to the original's; only where the format has no checksum of its values (safetensors) may a changed byte
+of the values come back, and then only that byte: nothing is read out of bounds.
 """
 
 import json
@@ -41,7 +41,7 @@ def damaged_reads(kind, original, tmp_path, subprocess_env) -> list[dict]:
 def assert_errors_are_clear(lines, names_file):
     errors = [line for line in lines if line["outcome"] == "error"]
     for line in errors:
-        assert line["type"] == "ValueError" and names_file(line["message"]), line
+        assert line["type"] == "CheckpointError" and names_file(line["message"]), line
     return errors
 
 

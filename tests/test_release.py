@@ -297,7 +297,7 @@ def test_a_state_dict_file_of_the_port_loads_through_sample_py(small_release, tm
     with pytest.raises(ValueError, match=r"legacy \(pre-1.6\) format.*torch.save\(torch.load\(old\), new\)"):
         pipeline.from_checkpoint(legacy, image_size=8)
     request = commands.SampleRequest(
-        checkpoint=str(path),
+        pretrained=str(path),
         image_size=8,
         num_samples=4,
         batch_size=4,
@@ -316,7 +316,7 @@ def test_sample_py_draws_from_a_tf1_checkpoint_with_either_weights(small_release
     for ema in (True, False):
         out = tmp_path / str(ema)
         request = commands.SampleRequest(
-            checkpoint=prefix, ema=ema, image_size=8, num_samples=4, batch_size=4, sampler="ddim", steps=3, out=str(out)
+            pretrained=prefix, ema=ema, image_size=8, num_samples=4, batch_size=4, sampler="ddim", steps=3, out=str(out)
         )
         assert commands.sample(request) == 0
         with np.load(out / "samples.npz") as f:
@@ -371,7 +371,7 @@ def test_a_learned_variance_checkpoint_reads_its_log_variance_as_hos_code_does(l
     four = {**weights, "model/conv_out/W": weights["model/conv_out/W"][..., :4]}
     with pytest.raises(ValueError, match=r"conv_out has 4 output channels for 3 image channels"):
         release.infer_config(four, image_size=8)
-    with pytest.raises(ValueError, match="--variance applies to --checkpoint"):
+    with pytest.raises(ValueError, match="--variance applies to --pretrained"):
         commands.SampleRequest(workdir="run", variance="learned")
     with pytest.raises(ValueError, match=r"a diffusers model samples with its scheduler_config\.json's variance_type"):
         pipeline.from_checkpoint("google/ddpm-cifar10-32", variance="learned")  # refused before any download
@@ -443,9 +443,9 @@ def test_a_checkpoint_without_shadows_says_to_load_the_raw_weights(small_release
     with pytest.raises(FileNotFoundError, match="neither a TF1 checkpoint"):
         pipeline.from_release(tmp_path / "model.ckpt-2")
     request = commands.SampleRequest(pretrained=str(tmp_path / "model.ckpt-1"), num_samples=2, out=str(tmp_path / "o"))
-    with pytest.raises(JaxdiffError, match="image_size"):  # an unpublished architecture without --image_size
+    with pytest.raises(JaxdiffError, match="no ExponentialMovingAverage shadow"):  # before anything compiles
         commands.sample(request)
-    with pytest.raises(ValueError, match="--noema and --image_size apply to --checkpoint"):
+    with pytest.raises(ValueError, match="--noema and --image_size apply to --pretrained"):
         commands.SampleRequest(workdir=str(tmp_path), ema=False)
 
 

@@ -106,7 +106,7 @@ def _drawing_flags(flags, samplers) -> None:
     flags.DEFINE_float(
         "autoguidance",
         None,
-        "--workdir: autoguidance scale w, the model guided away from its EMA at config.sampling.guide_step (0: none; "
+        "--workdir: autoguidance scale w, the model guided away from its EMA at the run's guide step (0: none; "
         "default: the run's config.sampling.autoguidance for the samplers in its autoguided_samplers, else none).",
     )
     flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")

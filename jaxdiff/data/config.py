@@ -26,7 +26,8 @@ class DataConfig:
 
     ``config.data`` of a run, field for field, with configs/default.py's defaults (CIFAR-10 at 32x32, flipped), as every
     other section's dataclass has that file's values: ``DataConfig()`` is what ``config.data`` of the default config
-    resolves to (tests/test_config.py checks the two agree).
+    resolves to (tests/test_config.py checks the two agree). The size defaults to the dataset's own, so that
+    ``DataConfig(dataset="digits")`` still reads the digits at 8x8.
 
     Attributes:
       dataset: a TFDS name (``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeb_a``, ``lsun/church_outdoor``,
@@ -35,7 +36,7 @@ class DataConfig:
       eval_split: the held-out split (the bound in bits/dim).
       image_size: output height = width (images are centre-cropped to a square, then resized, if they differ).
         ``None``: the dataset's own size, for those whose images have one (digits 8, mnist and fashion_mnist 28,
-        cifar10 32); any other dataset needs it set. Set at construction: ``config.image_size`` is always an int.
+        cifar10 32); any other dataset needs it set. Resolved when built: the field of a DataConfig is an int.
       random_flip: flip each image left-right with probability 1/2.
       data_dir: TFDS data directory (``None``: TFDS's default, ``~/tensorflow_datasets``).
       download: allow TFDS to download and prepare a dataset that is not prepared yet.
@@ -66,8 +67,8 @@ class DataConfig:
             if self.dataset not in _OWN_SIZES:
                 known = ", ".join(f"{name} {size}" for name, size in _OWN_SIZES.items())
                 raise ConfigError(
-                    f"config.data.image_size is None (the dataset's own size), but {self.dataset!r} has no one size "
-                    f"that jaxdiff knows (it knows {known}): set config.data.image_size, e.g. 64."
+                    f"config.data.image_size is None (the dataset's own size), which jaxdiff knows only for {known}: "
+                    f"set config.data.image_size for {self.dataset!r} (e.g. 64)."
                 )
             object.__setattr__(self, "image_size", _OWN_SIZES[self.dataset])
         if self.reader not in READERS:

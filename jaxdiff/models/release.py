@@ -179,7 +179,8 @@ def variance_for_channels(out_channels: int, in_channels: int, variance: str | N
         outputs = "eps and a log-variance" if learned else "eps only"
         raise CheckpointError(
             f"variance {variance!r} does not fit this network: its {out_channels} output channels are {outputs}, "
-            f"which fit {' or '.join(fitting)}; pass one of those (jaxdiff-sample --variance), or none to read it off them."
+            f"which fit {' or '.join(fitting)}; pass one of those (jaxdiff-sample --variance), or none to read it "
+            "off them."
         )
     return variance
 
