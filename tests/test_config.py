@@ -239,7 +239,16 @@ def assert_ran_two_steps(state, workdir, out: str, bound: bool = True) -> None:
     assert ("step 2  eval bits/dim" in out) == bound, out
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_cond", "digits_ddpm"])
+# digits in the fast set; the conditional and DDPM variants (their 2-step runs: ~30 s each) with the slow tests, their
+# resolution at 1-3 steps above is fast, and tests/test_training.py trains both kinds of network.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "digits",
+        pytest.param("digits_cond", marks=pytest.mark.slow),
+        pytest.param("digits_ddpm", marks=pytest.mark.slow),
+    ],
+)
 def test_a_digits_config_trains_for_two_steps(name, data_dir, tmp_path, capsys):
     """The config as shipped, but for 2 steps, and small where the cost is not the point, to keep it under ~40 s on 2
     cores: no FID at the end (``evaluation.fid_every = 0``: setting up the held-out judge, the digits classifier and
