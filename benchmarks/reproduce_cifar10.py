@@ -10,7 +10,7 @@ What it measures, each against the paper's figure:
 3. DDIM's row, eta = 0 on the quadratic grid at ``--ddim_steps`` (DDIM paper, Table 1: FID 13.36 / 6.84 / 4.67 / 4.16
    at 10 / 20 / 50 / 100 steps).
 
-The model is whatever ``sample.py --checkpoint`` takes: Ho et al.'s TF1 checkpoint (EMA weights by default,
+The model is whatever ``sample.py --pretrained`` takes: Ho et al.'s TF1 checkpoint (EMA weights by default,
 ``--noema`` for the raw ones), the PyTorch port's EMA file, or a diffusers folder (``google/ddpm-cifar10-32`` holds the
 raw weights). FID is against the CIFAR-10 training split's statistics under the Flax FID Inception, computed once and
 cached, or against a precomputed ``--reference_stats`` .npz (``mu``, ``sigma``); the JSON says which.

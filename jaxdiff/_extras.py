@@ -3,8 +3,9 @@
 The pure math imports nothing beyond the core. The network, the data, training, sampling from a run and the metrics
 need the ``train`` extra. Where that extra is missing, ``import jaxdiff`` puts :class:`ExtraFinder` at the end of
 ``sys.meta_path``: Python asks it only for a module that no other finder found, and for one of the extra's packages
-imported by jaxdiff's own code it raises :class:`~jaxdiff.errors.MissingExtraError` with one sentence that names
-the extra. Imports by any other code are left to Python's own error. With the extra installed nothing is added.
+imported by jaxdiff's own code (the module whose import statement it is) it raises
+:class:`~jaxdiff.errors.MissingExtraError` with one sentence that names the extra. Imports by any other code, and
+lookups (``importlib.util.find_spec``), are left to Python. With the extra installed nothing is added.
 """
 
 from __future__ import annotations
@@ -38,19 +39,23 @@ TRAIN_MODULES = frozenset(
 
 
 def _importer() -> str | None:
-    """The jaxdiff module whose import statement is running (the nearest such frame), else None."""
+    """The module whose import statement asks for the module being found: the first frame outside the import
+    machinery. None for a lookup (``importlib.util.find_spec``: a probe that expects None for a missing module)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name.startswith("jaxdiff.") and name != __name__:
+        if name == "importlib.util":
+            return None
+        if not (name.startswith("importlib") or name.startswith("_frozen_importlib")):
             return name
         frame = frame.f_back
     return None
 
 
 class ExtraFinder:
-    """A last-resort finder: a missing module of the ``train`` extra, imported by jaxdiff, fails with the extra's
-    name (``pip install 'jaxdiff[train]'``) instead of a bare "No module named ..."."""
+    """A last-resort finder: a missing module of the ``train`` extra, imported by a module of jaxdiff itself, fails
+    with the extra's name (``pip install 'jaxdiff[train]'``) instead of a bare "No module named ...". An import by
+    any other module, and a lookup by ``importlib.util.find_spec``, get Python's own answer."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
@@ -58,7 +63,7 @@ class ExtraFinder:
         if top not in TRAIN_MODULES:
             return None
         importer = _importer()
-        if importer is None:
+        if importer is None or not importer.startswith("jaxdiff."):
             return None
         raise MissingExtraError(
             f"{importer} needs {top!r}, which comes with jaxdiff's training stack: pip install '{TRAIN_EXTRA}' (the "

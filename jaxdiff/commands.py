@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import evaluation, images, parallel, pipeline
+from jaxdiff import checkpoints, evaluation, images, parallel, pipeline
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import load_split
 from jaxdiff.errors import ConfigError
@@ -45,6 +45,7 @@ __all__ = [
     "fid_sampler",
     "load_samples",
     "report_fid",
+    "resolved",
     "sample",
 ]
 
@@ -66,18 +67,27 @@ def batch_for(image_shape: tuple[int, int, int]) -> int:
 FID_SAMPLER = ("ddim", 100)
 
 
-def fid_sampler(workdir: str | None) -> tuple[str, int | None]:
+def fid_sampler(workdir: str | None) -> tuple[str, int]:
     """The sampler and steps of ``--eval=fid`` when ``--sampler`` is not given: the run's own training-time FID's
-    (``config.evaluation.sampler`` and ``steps`` in ``<workdir>/config.json``; steps 0 is all T), else
-    :data:`FID_SAMPLER`. Never all T steps of ancestral DDPM by default: 50,000 CIFAR-10 samples would be 50M network
-    calls."""
+    (``config.evaluation.sampler`` and ``steps`` of the config its newest checkpoint stores, which every host reads
+    alike; steps 0 is all T, as there), else :data:`FID_SAMPLER`. Never all T steps of ancestral DDPM by default: 50,000
+    CIFAR-10 samples would be 50M network calls."""
     if workdir is not None:
         try:
-            evaluation = json.loads((pathlib.Path(workdir) / "config.json").read_text())["evaluation"]
-            return evaluation["sampler"], (evaluation["steps"] or None)
+            evaluation = checkpoints.restore_config(workdir)["evaluation"]
+            return evaluation["sampler"], int(evaluation["steps"])
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            pass  # an older run's config without these: the default below
     return FID_SAMPLER
+
+
+def resolved(request: SampleRequest) -> SampleRequest:
+    """``request`` with its sampler chosen where ``--sampler`` was not given: ``ddpm``, or with ``--eval=fid`` the
+    run's training-time FID sampler and steps (:func:`fid_sampler`; ``--steps`` still wins)."""
+    if request.sampler is not None:
+        return request
+    sampler, steps = fid_sampler(request.workdir) if request.eval == "fid" else ("ddpm", request.steps)
+    return dataclasses.replace(request, sampler=sampler, steps=request.steps if request.steps is not None else steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +102,7 @@ class SampleRequest:
     variance: str | None = None  # --pretrained of the release: the reverse variance (None: read off the channels)
     num_samples: int = 64
     batch_size: int | None = None  # None: batch_for(), by image size
-    sampler: str | None = None  # None: ddpm; with eval="fid", the training-time FID's (fid_sampler)
+    sampler: str | None = None  # None: ddpm; with eval="fid", the training-time FID's (resolved, fid_sampler)
     steps: int | None = None  # None: all T for ddpm, 50 for ddim, 20 for the ODE solvers; fid: the FID sampler's
     spacing: str | None = None  # None: the sampler's own grid
     eta: float = 0.0
@@ -131,10 +141,6 @@ class SampleRequest:
             raise ConfigError("--noema and --image_size apply to --pretrained; a --workdir samples its EMA parameters.")
         if self.workdir is not None and self.variance is not None:
             raise ConfigError("--variance applies to --pretrained; a --workdir samples with the variance it trained.")
-        if self.sampler is None:
-            sampler, steps = fid_sampler(self.workdir) if self.eval == "fid" else ("ddpm", self.steps)
-            object.__setattr__(self, "sampler", sampler)
-            object.__setattr__(self, "steps", self.steps if self.steps is not None else steps)
         if self.num_samples < 1:
             raise ConfigError(f"--num_samples must be >= 1, got {self.num_samples}.")
         if (self.samples is not None or self.reference_stats is not None) and self.eval != "fid":
@@ -158,8 +164,10 @@ class SampleRequest:
 
     @property
     def sampling_steps(self) -> int | None:
+        """The sampling steps: ``steps`` (0 or None given with a resolved FID sampler: all T), else the sampler's
+        default (all T for ddpm, 50 for ddim, 20 for the ODE solvers); None is all T."""
         if self.steps is not None:
-            return self.steps
+            return self.steps or None
         return {"ddpm": None, "ddim": 50}.get(self.sampler, 20)
 
     def edit(self, pipe: Pipeline) -> pipeline.Edit | None:
@@ -178,7 +186,8 @@ class SampleRequest:
 def sample(request: SampleRequest) -> int:
     """Run ``request``; returns the exit status (0). A request that cannot be met raises a
     :class:`~jaxdiff.errors.JaxdiffError` before anything compiles (``jaxdiff-sample`` prints it as one line and exits
-    with 2)."""
+    with 2). A sampler not given is chosen first (:func:`resolved`)."""
+    request = resolved(request)
     if request.workdir is not None:
         # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
         guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance

@@ -279,14 +279,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     began = time.perf_counter()
     run = run_config(config)
     workdir = _writable(pathlib.Path(workdir))
-    if run.sampling.guide_step is not None:  # on every process alike: restore_config agrees with the others
+    if run.sampling.guide_step is not None:
         try:
             stored = checkpoints.restore_config(workdir)
         except FileNotFoundError:
             stored = None  # a fresh run
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # the restore below sets a damaged one aside
+        except (OSError, ValueError, KeyError, AttributeError) as e:  # the restore below sets a damaged one aside
             log(f"Cannot read the newest checkpoint's config for its guide ({e}); resolving the guide afresh.")
             stored = None
+        had = (stored or {}).get("sampling", {}).get("guide_step")
+        had = parallel.from_process_0(had if isinstance(had, int) else -1)  # every host resumes the same guide
+        stored = {"sampling": {"guide_step": had}} if had >= 0 else None
         run, note = _resumed_guide(run, stored, config.sampling.guide_step)
         if note:
             log(note)

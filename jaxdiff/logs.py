@@ -27,7 +27,16 @@ __all__ = [
     "log",
     "metric_writer",
     "read_metrics",
+    "show_all",
 ]
+
+#: Set to a value other than "" and "0" (``--verbose`` does): jaxdiff's own quieting hides nothing either.
+VERBOSE_ENV = "JAXDIFF_VERBOSE"
+
+
+def show_all() -> bool:
+    """Whether the console should show every library's messages (``$JAXDIFF_VERBOSE``; ``--verbose`` sets it)."""
+    return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
 
 
 def is_main_process() -> bool:

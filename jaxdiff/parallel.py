@@ -29,6 +29,7 @@ __all__ = [
     "batch_sharding",
     "check_batch_size",
     "example_keys",
+    "from_process_0",
     "global_batch",
     "jit_batched",
     "make_mesh",
@@ -127,6 +128,14 @@ def process_verdicts(ok: bool) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray([bool(ok)])
     return np.asarray(multihost_utils.process_allgather(np.int32(bool(ok)))).reshape(-1).astype(bool)
+
+
+def from_process_0(value: int) -> int:
+    """Process 0's ``value`` on every process (on one process, ``value``): for a choice that every process must make
+    alike, read by each from files that one host may see otherwise than another. Call it on every process."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:

@@ -8,7 +8,6 @@
 - The console's parts: TensorFlow's start-up lines dropped and its warnings kept; configs by name.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -21,9 +20,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from jaxdiff.cli import console
-from jaxdiff.errors import ConfigError
-from tests.helpers import ROOT
+from jaxdiff import _extras, commands
+from jaxdiff.cli import config_lookup, quiet
+from jaxdiff.errors import ConfigError, MissingExtraError
+from tests.helpers import ROOT, fake_run
 
 #: What other libraries print that the commands must not show (the issue's list, and what was seen before #33).
 FOREIGN = {
@@ -199,54 +199,124 @@ def test_tensorflow_start_up_lines_are_dropped_and_its_warnings_kept():
         "E1206 23:10:41.620168 1402 cuda_dnn.cc:8579] Unable to register cuDNN factory",
         "Some line of a library's own",
     ]
-    dropped = lambda line: any(p.search(line) for p in console.TENSORFLOW_STARTUP)
+    dropped = lambda line: any(p.search(line) for p in quiet.TENSORFLOW_STARTUP)
     assert all(dropped(line) for line in startup) and not any(dropped(line) for line in kept)
 
 
-def test_the_first_tensorflow_import_filters_stderr_at_the_file_descriptor(tmp_path):
-    """A stand-in ``tensorflow`` package that writes TensorFlow's start-up lines and a warning to file descriptor 2
-    on import: after quiet(), only the warning reaches stderr; a lookup (find_spec) does not use up the filter."""
+def _fake_tensorflow(tmp_path, *lines: bytes, then: str = "") -> dict:
+    """A stand-in ``tensorflow`` package under ``tmp_path`` that writes ``lines`` to file descriptor 2 on import, then
+    runs ``then``; the environment that finds it."""
     fake = tmp_path / "tensorflow"
     fake.mkdir()
-    (fake / "__init__.py").write_text(
-        "import os\n"
-        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
-        "os.write(2, b'I0000 00:00:1796599060.644656    9647 port.cc:153] oneDNN custom operations are on.\\n')\n"
-        "os.write(2, b'W0000 00:00:1796599060.644656    9647 port.cc:9] a real warning\\n')\n"
-    )
-    script = (
-        "import importlib.util, sys\n"
-        "from jaxdiff.cli import console\n"
-        "console.quiet(False)\n"
+    writes = "".join(f"os.write(2, {line!r})\n" for line in lines)
+    (fake / "__init__.py").write_text(f"import os\n{writes}{then}\n")
+    return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+
+
+STARTUP = (
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    b"I0000 00:00:1796599060.644656    9647 port.cc:153] oneDNN custom operations are on.\n",
+)
+WARNING = "W0000 00:00:1796599060.644656    9647 port.cc:9] a real warning"
+QUIET = "from jaxdiff.cli import quiet\nquiet.quiet(False)\n"
+
+
+def test_the_first_tensorflow_import_filters_stderr_at_the_file_descriptor(tmp_path):
+    """After quiet(), TensorFlow's start-up lines written to file descriptor 2 on import are dropped and its warning
+    kept; a lookup (find_spec) does not use up the filter; stderr is whole again after the import."""
+    env = _fake_tensorflow(tmp_path, *STARTUP, f"{WARNING}\n".encode())
+    script = QUIET + (
+        "import importlib.util, os, sys\n"
         "assert importlib.util.find_spec('tensorflow') is not None\n"
         "import tensorflow\n"
-        "print('imported', file=sys.stderr)\n"
+        "os.write(2, b'I0000 00:00:1.0 1 port.cc:1] after the import: not filtered\\n')\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == ["W0000 00:00:1796599060.644656    9647 port.cc:9] a real warning", "imported"]
+    assert result.stderr.splitlines() == [WARNING, "I0000 00:00:1.0 1 port.cc:1] after the import: not filtered"]
+
+
+def test_what_tensorflow_writes_before_a_crash_still_shows(tmp_path):
+    """The filter is a process of its own: an import that aborts the interpreter loses none of its lines."""
+    env = _fake_tensorflow(tmp_path, *STARTUP, b"F0000 00:00:1.0 1 port.cc:2] fatal: no such CPU\n", then="os.abort()")
+    result = subprocess.run(
+        [sys.executable, "-c", QUIET + "import tensorflow"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == ["F0000 00:00:1.0 1 port.cc:2] fatal: no such CPU"]
+
+
+def test_verbose_is_read_as_absl_reads_it(monkeypatch):
+    monkeypatch.delenv("JAXDIFF_VERBOSE", raising=False)
+    assert quiet.verbose(["x", "--verbose"]) and quiet.verbose(["x", "--verbose=true"])
+    assert not quiet.verbose(["x"]) and not quiet.verbose(["x", "--verbose", "--noverbose"])
+    assert not quiet.verbose(["x", "--verbose=false"])
+    monkeypatch.setenv("JAXDIFF_VERBOSE", "1")
+    assert quiet.verbose(["x"]) and not quiet.verbose(["x", "--noverbose"])
+
+
+def test_the_extra_finder_speaks_only_for_jaxdiffs_own_imports(monkeypatch):
+    """On a core install, ``import <a train-extra package>`` in a jaxdiff module names the extra; the same import in
+    any other module, and a lookup (``importlib.util.find_spec``) even from jaxdiff, get Python's own answer."""
+    import importlib.util
+
+    missing = "jaxdiff_test_missing_package"
+    monkeypatch.setattr(_extras, "TRAIN_MODULES", _extras.TRAIN_MODULES | {missing})
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, _extras.ExtraFinder])
+    with pytest.raises(MissingExtraError, match=r"jaxdiff\.fake needs '.*', .*pip install 'jaxdiff\[train\]'"):
+        exec(f"import {missing}", {"__name__": "jaxdiff.fake"})
+    with pytest.raises(ModuleNotFoundError) as elsewhere:
+        exec(f"import {missing}", {"__name__": "users_code"})
+    assert not isinstance(elsewhere.value, MissingExtraError)
+    assert eval(f"util.find_spec({missing!r})", {"__name__": "jaxdiff.fake", "util": importlib.util}) is None
 
 
 def test_configs_by_name_and_by_path(tmp_path):
-    named = console.resolve_config("digits")
+    named = config_lookup.resolve_config("digits")
     assert pathlib.Path(named).is_file() and named.endswith("digits.py")
-    assert console.resolve_config("tiny:arg").endswith("tiny.py:arg")
-    assert console.resolve_config(str(ROOT / "configs" / "cifar10.py")) == str(ROOT / "configs" / "cifar10.py")
-    assert set(console.config_names()) == {p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__"}
+    assert config_lookup.resolve_config("tiny:arg").endswith("tiny.py:arg")
+    cifar10 = str(ROOT / "configs" / "cifar10.py")
+    assert config_lookup.resolve_config(cifar10) == cifar10
+    shipped = {p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__"}
+    assert set(config_lookup.config_names()) == shipped
     with pytest.raises(ConfigError, match="No shipped config named 'digit'"):
-        console.resolve_config("digit")
+        config_lookup.resolve_config("digit")
     with pytest.raises(ConfigError, match=r"No config file 'configs/nope\.py'"):
-        console.resolve_config("configs/nope.py")
+        config_lookup.resolve_config("configs/nope.py")
 
 
 def test_eval_fid_samples_with_the_runs_training_time_fid_sampler(tmp_path):
-    from jaxdiff import commands
-
-    (tmp_path / "config.json").write_text(json.dumps({"evaluation": {"sampler": "ddim", "steps": 50}}))
-    request = commands.SampleRequest(workdir=str(tmp_path), eval="fid")
+    """--eval=fid without --sampler: the sampler and steps of the run's own training-time FID, read from the config its
+    checkpoint stores (configs/tiny.py's: DDIM over 50 steps); an imported model's: DDIM over 100."""
+    fake_run(tmp_path / "run")
+    run = str(tmp_path / "run")
+    request = commands.resolved(commands.SampleRequest(workdir=run, eval="fid"))
     assert (request.sampler, request.sampling_steps) == ("ddim", 50)
-    assert commands.SampleRequest(pretrained="x", eval="fid").sampler == commands.FID_SAMPLER[0]
-    assert commands.SampleRequest(workdir=str(tmp_path)).sampler == "ddpm"  # drawing: ancestral over all T
-    chosen = commands.SampleRequest(workdir=str(tmp_path), eval="fid", sampler="dpm++2m", steps=20)
+    assert commands.resolved(commands.SampleRequest(pretrained="x", eval="fid")).sampler == commands.FID_SAMPLER[0]
+    drawing = commands.resolved(commands.SampleRequest(workdir=run))
+    assert (drawing.sampler, drawing.sampling_steps) == ("ddpm", None)  # drawing: ancestral over all T
+    chosen = commands.resolved(commands.SampleRequest(workdir=run, eval="fid", sampler="dpm++2m", steps=20))
     assert (chosen.sampler, chosen.sampling_steps) == ("dpm++2m", 20)
+    fewer = commands.resolved(commands.SampleRequest(workdir=run, eval="fid", steps=10))
+    assert (fewer.sampler, fewer.sampling_steps) == ("ddim", 10)
+
+
+def test_the_former_flag_names_still_work_and_sampling_writes_nothing_into_the_run(tmp_path, subprocess_env):
+    """``--step`` (now ``--checkpoint_step``) picks the checkpoint, with a line naming the new flag; both names at once
+    are refused in one line. Sampling leaves the run's checkpoint folder as it was, file for file."""
+    fake_run(tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+    argv = [*SAMPLE, f"--workdir={tmp_path / 'run'}", "--num_samples=2", "--sampler=ddim", "--steps=2"]
+    run = lambda *extra: subprocess.run(
+        [*argv, *extra], env=subprocess_env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    old = run("--step=3")
+    assert old.returncode == 0, old.stderr[-3000:]
+    assert "--step is deprecated: use --checkpoint_step (the same setting)." in old.stdout
+    assert "(step 3, EMA)" in old.stdout and foreign_lines(old.stdout + old.stderr) == []
+    both = run("--step=3", "--checkpoint_step=3")
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "sample.py: --step is the former name of --checkpoint_step: pass only --checkpoint_step."
+    )
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))} == before

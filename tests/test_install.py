@@ -5,9 +5,8 @@
   into a folder: the packages of the ``train`` extra are not there at all, as after ``pip install jaxdiff``. What it
   proves: the pure math imports nothing outside its declared requirements, and a module that needs the extra says
   so. (That the lowest allowed versions work is .ci/run's floor step: the same script in a venv of those.)
-- The wheel (slow): built once, installed into a fresh venv without its dependencies (they are this environment's,
-  made visible by a .pth line), then ``jaxdiff-train --config=tiny`` and ``jaxdiff-sample`` from a folder outside
-  the checkout. What it proves: the wheel carries every subpackage, the configs and working entry points.
+- The wheel: tests/test_cli.py builds one, installs it into a fresh venv and runs its commands from outside the
+  checkout; here, that pyproject.toml lists every subpackage.
 """
 
 import importlib.metadata

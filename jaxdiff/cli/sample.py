@@ -32,10 +32,9 @@ Intentionally short: the flags become a :class:`jaxdiff.commands.SampleRequest`,
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
+from collections.abc import Sequence
 
-from jaxdiff.cli import console
+from jaxdiff.cli import command
 
 __all__ = ["DEPRECATED_FLAGS", "main"]
 
@@ -174,7 +173,6 @@ def _eval_flags(flags) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    from jaxdiff import launch
     from jaxdiff.diffusion import VARIANCES
     from jaxdiff.samplers import SAMPLERS
 
@@ -187,8 +185,6 @@ def _define_flags() -> None:
     for old, new in DEPRECATED_FLAGS.items():
         kind = flags.DEFINE_integer if new == "checkpoint_step" else flags.DEFINE_string
         kind(old, None, f"Deprecated: use --{new}.")
-    flags.DEFINE_bool("verbose", False, "Show every library's messages, and a traceback for every error.")
-    launch.define_flags()  # --coordinator, --num_processes, --process_id, --distributed, --compilation_cache
 
 
 def _request(values):
@@ -208,29 +204,14 @@ def _request(values):
     return commands.SampleRequest(**chosen)
 
 
-def _sample(argv: list[str]) -> int:
+def _sample() -> int:
     from absl import flags
 
-    from jaxdiff import commands, launch
+    from jaxdiff import commands
 
-    del argv
-    launch.start(flags.FLAGS)
     return commands.sample(_request(flags.FLAGS))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The command: ``argv`` (default ``sys.argv``) parsed by absl; exits with 0, or 2 and one line for a mistake."""
-    from jaxdiff.xla_flags import use_fast_cpu_convolutions
-
-    argv = list(sys.argv if argv is None else argv)
-    program = os.path.basename(argv[0]) or "jaxdiff-sample"
-    console.quiet(console.verbose(argv))
-    use_fast_cpu_convolutions()  # before the first computation: faster CPU gradients (docs/benchmarks.md)
-    _define_flags()
-    from absl import app
-
-    app.run(
-        lambda rest: sys.exit(console.run(program, lambda: _sample(rest), argv)),
-        argv=argv,
-        flags_parser=console.flags_parser(program),
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command: ``argv`` (default ``sys.argv``); exits with 0, or 2 and one line for a mistake."""
+    command.main("jaxdiff-sample", _define_flags, _sample, argv)

@@ -3,20 +3,21 @@
     jaxdiff-train --config=digits --workdir=runs/digits [--config.training.num_steps=...]
     jaxdiff-train --config=path/to/my_config.py --workdir=runs/mine
 
-``--config`` names a shipped config (``digits``, ``tiny``, ``cifar10``, ...: :func:`jaxdiff.cli.console.config_names`)
-or a config file. The run resumes if ``--workdir`` holds one. On many hosts, every process runs the same command
-with ``--coordinator=HOST:PORT --num_processes=N --process_id=I`` (or ``--distributed`` on a TPU pod slice).
+``--config`` names a shipped config (``digits``, ``tiny``, ``cifar10``, ...:
+:func:`jaxdiff.cli.config_lookup.config_names`) or a config file. The run resumes if ``--workdir`` holds one. On many
+hosts, every process runs the same command with ``--coordinator=HOST:PORT --num_processes=N --process_id=I`` (or
+``--distributed`` on a TPU pod slice). ``--verbose`` shows every library's messages and every traceback.
 
-Intentionally short: parse the flags, set up the console and (multi-host) JAX, then
-:func:`jaxdiff.experiment.train_and_evaluate`.
+Intentionally short: the flags, then :func:`jaxdiff.experiment.train_and_evaluate`; how a command runs (the console,
+one-line errors) is :func:`jaxdiff.cli.command.main`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Sequence
 
-from jaxdiff.cli import console
+from jaxdiff.cli import command
 
 __all__ = ["main"]
 
@@ -25,7 +26,7 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from jaxdiff import configs, launch
+    from jaxdiff import configs
 
     if "workdir" in flags.FLAGS:  # defined already (main called twice in one process)
         return
@@ -34,38 +35,17 @@ def _define_flags() -> None:
         "config", default, "A shipped config's name (digits, tiny, cifar10, ...) or a config file.", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (resumed if it holds a run).")
-    flags.DEFINE_bool("verbose", False, "Show every library's messages, and a traceback for every error.")
-    launch.define_flags()  # --coordinator, --num_processes, --process_id, --distributed, --compilation_cache
     flags.mark_flags_as_required(["workdir"])
 
 
-def _train(argv: list[str]) -> int:
+def _train() -> None:
     from absl import flags
 
-    from jaxdiff import launch
-
-    del argv
-    values = flags.FLAGS
-    launch.start(values)
     from jaxdiff.experiment import train_and_evaluate
 
-    train_and_evaluate(values.config, values.workdir)
-    return 0
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The command: ``argv`` (default ``sys.argv``) parsed by absl; exits with 0, or 2 and one line for a mistake."""
-    from jaxdiff.xla_flags import use_fast_cpu_convolutions
-
-    argv = list(sys.argv if argv is None else argv)
-    program = os.path.basename(argv[0]) or "jaxdiff-train"
-    console.quiet(console.verbose(argv))
-    use_fast_cpu_convolutions()  # before the first computation: faster CPU gradients (docs/benchmarks.md)
-    _define_flags()
-    from absl import app
-
-    app.run(
-        lambda rest: sys.exit(console.run(program, lambda: _train(rest), argv)),
-        argv=argv,
-        flags_parser=console.flags_parser(program, has_config=True),
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command: ``argv`` (default ``sys.argv``); exits with 0, or 2 and one line for a mistake."""
+    command.main("jaxdiff-train", _define_flags, _train, argv, has_config=True)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import pathlib
 
 import tensorflow_datasets as tfds
 
 from jaxdiff.data.config import KNOWN_DATASETS, DataConfig
 from jaxdiff.data.digits import Digits
 from jaxdiff.errors import DataError, MissingFileError
-from jaxdiff.logs import log
+from jaxdiff.logs import log, show_all
 from jaxdiff.parallel import process_verdicts
 
 __all__ = ["num_classes", "prepared_builder"]
@@ -40,19 +38,20 @@ def _builder(config: DataConfig) -> tfds.core.DatasetBuilder:
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     """``builder.is_prepared()`` without its warning ("Variant folder ... has no dataset_info.json", logged whenever
-    the answer is no): the version's folder holds the metadata files that TFDS writes last."""
-    folder = pathlib.Path(builder.data_dir)
-    return all((folder / name).is_file() for name in ("dataset_info.json", "features.json"))
+    the answer is no): the version's folder (any file system TFDS reads) holds the metadata file TFDS writes last."""
+    return (builder.data_path / "dataset_info.json").exists()
 
 
 def _build_digits(builder: Digits) -> None:
     """Build the digits (offline, from scikit-learn's bundled copy, in ~2 s) with one line of ours instead of TFDS's
-    messages and progress bars; ``$JAXDIFF_VERBOSE`` shows TFDS's own. TFDS's output is printed if the build fails."""
+    messages and progress bars (:func:`jaxdiff.logs.show_all`: TFDS's own). TFDS's output is printed if the build
+    fails."""
     log(f"Building the digits dataset (scikit-learn's 8x8 digits, offline) in {builder.data_dir}; once.")
-    if os.environ.get("JAXDIFF_VERBOSE", "0") not in ("", "0"):
+    if show_all():
         builder.download_and_prepare()
         return
     captured = io.StringIO()
+    bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)  # the user's own setting, put back after
     tfds.display_progress_bar(False)
     try:
         with contextlib.redirect_stdout(captured):
@@ -61,7 +60,7 @@ def _build_digits(builder: Digits) -> None:
         print(captured.getvalue(), end="")
         raise
     finally:
-        tfds.display_progress_bar(True)  # TFDS's default, for the user's own datasets
+        tfds.display_progress_bar(bars)
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, config: DataConfig) -> None:

@@ -79,12 +79,13 @@ def from_workdir(
     if pipe.guide_step is None:
         raise CheckpointError(
             f"{workdir} was trained without a guide checkpoint, so it cannot be autoguided: train with "
-            "config.sampling.guide_step (e.g. a third of the steps), or sample with --autoguidance=0."
+            "config.sampling.autoguidance != 0 (its guide: config.sampling.guide_fraction of the run), or sample with "
+            "--autoguidance=0."
         )
     if pipe.guide_step >= ckpt.step:
         raise CheckpointError(
             f"The checkpoint at step {ckpt.step} of {workdir} is not later than its guide (step {pipe.guide_step}): "
-            "sample a later --step, or with --autoguidance=0."
+            "sample a later --checkpoint_step, or with --autoguidance=0."
         )
     guide = checkpoints.load_for_sampling(workdir, pipe.guide_step, params_like)
     return autoguided(pipe, guide.ema_params, scale, f"its EMA at step {guide.step}")
