@@ -251,18 +251,37 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     )
 
 
-def _resumed_guide(run: RunConfig, stored: dict | None, asked: int | None) -> tuple[RunConfig, str | None]:
-    """``run`` resuming a run whose checkpoint stored the config ``stored`` (None: a fresh run), and a line for the log
-    where its guide changes; ``asked``: the config's own ``sampling.guide_step``.
-
-    A resumed run keeps the guide it has: the guide's step that the stored config records (a run records the step it
-    resolved) stays, rather than the one that ``guide_fraction`` of a new ``num_steps`` gives, whose checkpoint was
-    never kept. A ``guide_step`` asked for and followed as given is the user's choice, and kept; so is the new guide
-    where the stored step is at or past the new end.
-    """
+def _guide_step_of(stored: dict | None) -> int | None:
+    """The guide's step that a stored config records (a run records the step it resolved); None if it has none."""
     had = (stored or {}).get("sampling", {}).get("guide_step")
+    return had if isinstance(had, int) else None
+
+
+def _stored_guide_step(workdir: pathlib.Path) -> int | None:
+    """The guide's step recorded by the newest checkpoint's config in ``workdir`` (None: a fresh run, or none
+    recorded), as process 0 reads it: every host resumes the same guide."""
+    try:
+        stored = checkpoints.restore_config(workdir)
+    except FileNotFoundError:
+        stored = None  # a fresh run
+    except (OSError, ValueError, KeyError, AttributeError) as e:  # the restore below sets a damaged one aside
+        log(f"Cannot read the newest checkpoint's config for its guide ({e}); resolving the guide afresh.")
+        stored = None
+    had = _guide_step_of(stored)
+    had = parallel.from_process_0(-1 if had is None else had)
+    return None if had < 0 else had
+
+
+def _resumed_guide(run: RunConfig, had: int | None, asked: int | None) -> tuple[RunConfig, str | None]:
+    """``run`` resuming a run whose checkpoint recorded the guide's step ``had`` (None: a fresh run, or no guide),
+    and a line for the log where its guide changes; ``asked``: the config's own ``sampling.guide_step``.
+
+    A resumed run keeps the guide it has: the recorded step stays, rather than the one that ``guide_fraction`` of a
+    new ``num_steps`` gives, whose checkpoint was never kept. A ``guide_step`` asked for and followed as given is the
+    user's choice, and kept; so is the new guide where the recorded step is at or past the new end.
+    """
     now = run.sampling.guide_step
-    if now in (None, asked) or not isinstance(had, int) or had == now or had >= run.training.num_steps:
+    if now in (None, asked) or had is None or had == now or had >= run.training.num_steps:
         return run, None
     note = (
         f"Resuming an autoguided run: its guide stays the EMA at step {had}, the checkpoint it kept (guide_fraction of "
@@ -280,17 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     run = run_config(config)
     workdir = _writable(pathlib.Path(workdir))
     if run.sampling.guide_step is not None:
-        try:
-            stored = checkpoints.restore_config(workdir)
-        except FileNotFoundError:
-            stored = None  # a fresh run
-        except (OSError, ValueError, KeyError, AttributeError) as e:  # the restore below sets a damaged one aside
-            log(f"Cannot read the newest checkpoint's config for its guide ({e}); resolving the guide afresh.")
-            stored = None
-        had = (stored or {}).get("sampling", {}).get("guide_step")
-        had = parallel.from_process_0(had if isinstance(had, int) else -1)  # every host resumes the same guide
-        stored = {"sampling": {"guide_step": had}} if had >= 0 else None
-        run, note = _resumed_guide(run, stored, config.sampling.guide_step)
+        run, note = _resumed_guide(run, _stored_guide_step(workdir), config.sampling.guide_step)
         if note:
             log(note)
     mesh = parallel.make_mesh()

@@ -192,20 +192,20 @@ def test_a_resumed_run_keeps_the_guide_its_checkpoints_record():
     run = experiment.run_config(short("digits", 6000, autoguidance=1.5))
     assert run.sampling.guide_step == 2000
     first = {"sampling": {"guide_step": 1000, "guide_fraction": 1 / 3}}
-    kept, note = experiment._resumed_guide(run, first, None)
+    kept, note = experiment._resumed_guide(run, experiment._guide_step_of(first), None)
     assert kept.sampling.guide_step == 1000 and kept.sampling.guide_steps == (1000,)
     assert "its guide stays the EMA at step 1000" in note and "would be step 2000" in note
     assert kept.training == run.training and kept.sampling.autoguidance == 1.5
     for stored in (None, {"sampling": {"guide_step": None}}):
-        assert experiment._resumed_guide(run, stored, None) == (run, None)
+        assert experiment._resumed_guide(run, experiment._guide_step_of(stored), None) == (run, None)
     asked = experiment.run_config(short("digits", 6000, autoguidance=1.5, guide_step=3000))
-    assert experiment._resumed_guide(asked, first, 3000) == (asked, None)
+    assert experiment._resumed_guide(asked, 1000, 3000) == (asked, None)
     shorter = experiment.run_config(short("digits", 900, autoguidance=1.5))  # the stored guide is past the new end
-    assert experiment._resumed_guide(shorter, {"sampling": {"guide_step": 1000}}, None) == (shorter, None)
+    assert experiment._resumed_guide(shorter, 1000, None) == (shorter, None)
     # guide_step 5000 of a 6,000-step run, resumed for 4,000: 5000 is past the end, so the guide that was kept stays.
     past = experiment.run_config(short("digits", 4000, autoguidance=1.5, guide_step=5000))
-    assert experiment._resumed_guide(past, {"sampling": {"guide_step": 5000}}, 5000) == (past, None)
-    assert experiment._resumed_guide(past, first, 5000)[0].sampling.guide_step == 1000
+    assert experiment._resumed_guide(past, 5000, 5000) == (past, None)
+    assert experiment._resumed_guide(past, 1000, 5000)[0].sampling.guide_step == 1000
 
 
 # ---------------------------------------------------------------------------------------------------------------------
