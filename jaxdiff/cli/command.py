@@ -124,7 +124,6 @@ def main(
         except JaxdiffError as e:
             if show_all:
                 raise
-            print(f"{program}: {one_line(e)}", file=sys.stderr)
-            return 2
+            _fail(program, one_line(e))
 
     app.run(lambda rest: sys.exit(run(rest)), argv=argv, flags_parser=_flags_parser(program, has_config))
