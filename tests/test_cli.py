@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from jaxdiff import _extras, commands
+from jaxdiff import _extras, commands, experiment
 from jaxdiff.cli import config_lookup, quiet
 from jaxdiff.errors import ConfigError, MissingExtraError
 from tests.helpers import ROOT, fake_run
@@ -293,6 +293,8 @@ def test_eval_fid_samples_with_the_runs_training_time_fid_sampler(tmp_path):
     request = commands.resolved(commands.SampleRequest(workdir=run, eval="fid"))
     assert (request.sampler, request.sampling_steps) == ("ddim", 50)
     assert commands.resolved(commands.SampleRequest(pretrained="x", eval="fid")).sampler == commands.FID_SAMPLER[0]
+    evaluation = experiment.EvaluationConfig()  # FID_SAMPLER is the training-time FID's default, kept as a literal
+    assert commands.FID_SAMPLER == (evaluation.sampler, evaluation.steps)  # so that sampling needs no ml_collections
     drawing = commands.resolved(commands.SampleRequest(workdir=run))
     assert (drawing.sampler, drawing.sampling_steps) == ("ddpm", None)  # drawing: ancestral over all T
     chosen = commands.resolved(commands.SampleRequest(workdir=run, eval="fid", sampler="dpm++2m", steps=20))
