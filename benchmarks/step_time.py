@@ -3,6 +3,10 @@
     git worktree add /tmp/before <commit>
     python benchmarks/step_time.py --roots=/tmp/before,. --config=configs/digits.py --pairs=3
 
+Or of several variants of one config in one tree (the training objectives of issue #34: equal steps are equal time?):
+
+    python benchmarks/step_time.py --roots=. --variants='{"v": {}, "edm": {"diffusion.process": "edm"}}'
+
 Each process imports jaxdiff from its root, builds a config's train step as ``train.py`` does (the sharded step of
 ``experiment.run_config``'s network and objective, on every device), compiles it, runs ``--warmup`` steps, then times
 ``--steps`` steps on a fixed random batch and prints the median over ``--repeats`` such runs. The roots are run in
@@ -71,8 +75,9 @@ print(json.dumps({"seconds_per_step": sorted(times)[len(times) // 2]}))
 """
 
 
-def time_root(root: str, args) -> float:
-    argv = [sys.executable, "-c", CHILD, root, args.config, args.overrides, str(args.steps), str(args.warmup)]
+def time_root(root: str, args, overrides: str | None = None) -> float:
+    overrides = args.overrides if overrides is None else overrides
+    argv = [sys.executable, "-c", CHILD, root, args.config, overrides, str(args.steps), str(args.warmup)]
     out = subprocess.run([*argv, str(args.repeats)], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_step"]
 
@@ -86,20 +91,32 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--variants", default=None, help='JSON {"name": {"section.key": value}}: time these in turn in the first root'
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     roots = [str(pathlib.Path(r).resolve()) for r in args.roots.split(",")]
-    times = {root: [] for root in roots}
+    variants = {name: json.dumps(o) for name, o in json.loads(args.variants or "{}").items()}
+
+    def timed(entry: str) -> float:
+        """A root, or a variant: the first root with the variant's overrides."""
+        return time_root(roots[0], args, variants[entry]) if variants else time_root(entry, args)
+
+    if variants:  # each variant stands in for a root, in turn
+        roots = [roots[0], *variants]
+    entries = roots[1:] if variants else roots
+    times = {entry: [] for entry in entries}
     for _ in range(args.pairs):
-        for root in roots:
-            times[root].append(time_root(root, args))
+        for entry in entries:
+            times[entry].append(timed(entry))
     from versus import machine  # the CPU model, cores, ISA flags, versions, XLA_FLAGS (imports no jax)
 
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores; {args.config} {args.overrides}; {args.pairs} rounds of each root")
     result = {"machine": info, "config": args.config, "overrides": args.overrides, "roots": {}}
-    for root in roots:
-        ratios = [t / b for t, b in zip(times[root], times[roots[0]], strict=True)]
+    for root in entries:
+        ratios = [t / b for t, b in zip(times[root], times[entries[0]], strict=True)]
         result["roots"][root] = {"seconds_per_step": times[root], "ratio_to_first": ratios}
         print(
             f"  {root}: {1e3 * statistics.median(times[root]):.1f} ms/step (rounds: "

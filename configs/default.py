@@ -56,6 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.vb_weight = 0.001
     c.diffusion.t_sampling = "uniform"
     c.diffusion.label_dropout = 0.0
+    # The path (jaxdiff.spec.PROCESSES): "ddpm" (the chain above), "edm" (Karras et al. 2022) or "flow" (flow matching).
+    c.diffusion.process = "ddpm"
+    c.diffusion.zero_terminal_snr = False  # Lin et al. 2024: abar_T = 0 (needs prediction "v" or "x0")
+    c.diffusion.offset_noise = 0.0  # strength of a per-image, per-channel constant added to the training noise
+    c.diffusion.sigma_data = 0.5  # EDM: the data's std, its sampling range and its log-normal training levels
+    c.diffusion.sigma_min = 0.002
+    c.diffusion.sigma_max = 80.0
+    c.diffusion.p_mean = -1.2
+    c.diffusion.p_std = 1.2
+    c.diffusion.logit_mean = 0.0  # flow matching with t_sampling="logit_normal": t = sigmoid(mean + std n)
+    c.diffusion.logit_std = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -69,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.grad_accum_steps = 1  # each step's gradient in k sequential micro-batches: less memory, the same update
     c.optim.ema_decay = 0.9999
     c.optim.ema_warmup = False
+    # Post-hoc EMA (Karras et al. 2024, EDM2): the widths sigma_rel of the power-function EMAs tracked beside
+    # ema_decay's and saved as snapshots every checkpoint_every steps (all kept), from which `sample.py --ema_length`
+    # rebuilds any other width after training. () tracks none; EDM2's pair is (0.05, 0.10): 2 more parameter copies.
+    c.optim.posthoc_ema = ()
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global, over all devices and hosts

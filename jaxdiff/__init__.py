@@ -38,7 +38,15 @@ from jaxdiff.diffusion import (
     x0_and_eps,
 )
 from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS, diffusion_loss, snr_weight, training_losses
-from jaxdiff.schedules import BETA_SCHEDULES, Schedule, beta_schedule, make_schedule, respace, space_timesteps
+from jaxdiff.schedules import (
+    BETA_SCHEDULES,
+    Schedule,
+    beta_schedule,
+    make_schedule,
+    rescale_zero_terminal_snr,
+    respace,
+    space_timesteps,
+)
 
 __version__ = "0.2.0.dev0"
 
@@ -98,6 +106,7 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "q_step_mean_variance",
+    "rescale_zero_terminal_snr",
     "respace",
     "snr_weight",
     "space_timesteps",

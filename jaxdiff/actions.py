@@ -10,7 +10,8 @@ function each, taking the step, the state and the step's metrics:
 * :func:`make_fid` -- FID (and the score) of fresh EMA samples: the digits against their held-out split, with the
   real-data floor and the near-copies (:mod:`jaxdiff.metrics.heldout`), other datasets against their train split;
 * :func:`sample_grid` -- a PNG grid of EMA samples with a fixed seed (the classes in turn for a conditional model);
-* :class:`Checkpointer` -- checkpoints, with the non-finite check before them;
+* :class:`Checkpointer` -- checkpoints, with the non-finite check before them, and the post-hoc EMA snapshots
+  (:class:`PosthocSnapshots`) on the checkpoint period and at the end;
 * :class:`Actions` -- all of them after each step, and SIGTERM (preemption): save at once and stop.
 
 A non-finite loss is looked at only before a report or a checkpoint (no per-step host sync): the step that made it
@@ -49,11 +50,13 @@ __all__ = [
     "FiniteGuard",
     "NonFiniteLossError",
     "Periodic",
+    "PosthocSnapshots",
     "Report",
     "evaluate_bound",
     "every",
     "fid_action",
     "make_fid",
+    "posthoc_snapshots",
     "sample_grid",
 ]
 
@@ -151,12 +154,67 @@ class FiniteGuard:
         self.unchecked.clear()
 
 
-class Checkpointer:
-    """Saves the state (never a non-finite one) with the run's config and spec beside it."""
+class PosthocSnapshots:
+    """The post-hoc EMA snapshots of a run (:mod:`jaxdiff.ema`): the tracked profiles of the state, saved under
+    ``workdir/ema_snapshots`` after every ``every``-th step and after ``last_step`` (the checkpoint period and the
+    run's end, whatever else the checkpointer saves), every one kept.
 
-    def __init__(self, manager, config: dict, spec: ModelSpec, guard: FiniteGuard | None = None):
+    Made at the start of a run (or of a resumed one, from ``first_step``): snapshots later than ``first_step``, left
+    by a run that went further than the checkpoint it resumes from, are moved aside first
+    (:func:`jaxdiff.checkpoints.supersede_snapshots`), so the snapshots always describe one trajectory. A run
+    resumed from a checkpoint on the period ends with the snapshots of an uninterrupted one.
+    """
+
+    def __init__(self, workdir, sigma_rels, gammas, every: int, last_step: int, first_step: int):
+        self.sigma_rels, self.gammas = tuple(sigma_rels), tuple(gammas)
+        self.every, self.last_step = every, last_step
+        moved = checkpoints.supersede_snapshots(workdir, first_step)
+        if moved:
+            log(
+                f"Moved the EMA snapshots after step {first_step} (steps {moved}), left by a run beyond the checkpoint "
+                f"this one resumes from, to {pathlib.Path(workdir) / checkpoints.SUPERSEDED_SNAPSHOTS}."
+            )
+        self.manager = checkpoints.snapshot_manager(workdir)
+
+    def due(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step == self.last_step
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        """Save the state's profiles at ``step`` if it is due (the caller has checked that the state is finite)."""
+        if self.due(step):
+            checkpoints.save_snapshot(self.manager, step, state.posthoc_emas, self.sigma_rels, self.gammas)
+
+    def close(self) -> None:
+        """Finish a save in flight and close the manager."""
+        checkpoints.wait(self.manager)
+        self.manager.close()
+
+
+def posthoc_snapshots(
+    workdir, sigma_rels, gammas, every: int, last_step: int, first_step: int
+) -> PosthocSnapshots | None:
+    """:class:`PosthocSnapshots` of a run that tracks post-hoc EMAs (``sigma_rels``, ``config.optim.posthoc_ema``);
+    None for one that tracks none, or that saves no checkpoints (``every <= 0``: none at the end either)."""
+    if not sigma_rels or every <= 0:
+        return None
+    return PosthocSnapshots(workdir, sigma_rels, gammas, every, last_step, first_step)
+
+
+class Checkpointer:
+    """Saves the state (never a non-finite one) with the run's config and spec beside it, and the post-hoc EMA
+    snapshots where the run tracks them (``snapshots``)."""
+
+    def __init__(
+        self,
+        manager,
+        config: dict,
+        spec: ModelSpec,
+        guard: FiniteGuard | None = None,
+        snapshots: PosthocSnapshots | None = None,
+    ):
         self.manager, self.config, self.spec = manager, config, spec.to_json()
         self.guard = guard or FiniteGuard()
+        self.snapshots = snapshots
 
     def __call__(self, step: int, state: TrainState, **_) -> None:
         self.guard.check(state)
@@ -167,11 +225,19 @@ class Checkpointer:
                 "rate."
             )
         checkpoints.save(self.manager, step, state, self.config, self.spec)
+        if self.snapshots is not None:
+            self.snapshots(step, state)
+
+    def wait(self) -> None:
+        """Block until the checkpoints' and the snapshots' saves are written."""
+        checkpoints.wait(self.manager)
+        if self.snapshots is not None:
+            checkpoints.wait(self.snapshots.manager)
 
     def preempted(self, step: int, state: TrainState) -> None:
         """Save at ``step`` now and wait for it: the process is about to be stopped."""
         self(step, state)
-        checkpoints.wait(self.manager)
+        self.wait()
         log(
             f"Preempted (SIGTERM) after step {step}: saved the checkpoint at step {step} in "
             f"{self.manager.directory}. Run the same command again to resume."
@@ -367,7 +433,10 @@ class Actions:
         return False
 
     def close(self) -> None:
-        """Put the SIGTERM handler back, finish a save in flight, close the bar (also when the run failed)."""
+        """Put the SIGTERM handler back, finish a save in flight (and close the snapshots' manager), close the bar (also
+        when the run failed)."""
         self.preemption.close()
         checkpoints.wait(self.checkpointer.manager)
+        if self.checkpointer.snapshots is not None:
+            self.checkpointer.snapshots.close()
         self.progress.close()

@@ -37,26 +37,38 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as preservation
 
-from jaxdiff.errors import CheckpointError, MissingFileError
-from jaxdiff.parallel import make_mesh, process_verdicts, replicated, to_host
+from jaxdiff.ema import Snapshot
+from jaxdiff.errors import CheckpointError, ConfigError, MissingFileError
+from jaxdiff.parallel import from_process_0, make_mesh, process_verdicts, replicated, to_host
 
 __all__ = [
     "ITEMS",
     "LEGACY_ITEMS",
+    "SNAPSHOTS",
+    "SNAPSHOT_ITEMS",
+    "SUPERSEDED_SNAPSHOTS",
     "UNREADABLE",
     "PreemptionWatch",
     "SamplingCheckpoint",
     "abstract",
+    "check_posthoc_resume",
     "check_restored",
     "checkpoint_dir",
     "fingerprint",
     "load_for_sampling",
+    "load_snapshot",
+    "load_snapshots",
     "manager",
     "reader",
     "restore_config",
     "restore_latest",
     "save",
+    "save_snapshot",
     "set_aside",
+    "snapshot_dir",
+    "snapshot_index",
+    "snapshot_manager",
+    "supersede_snapshots",
     "wait",
 ]
 
@@ -65,6 +77,12 @@ ITEMS = ("state", "config", "spec", "fingerprint")
 LEGACY_ITEMS = ("model",)  #: jaxdiff 0.1 stored the network's config alone; read (never written) for old runs
 #: The folder beside ``checkpoints`` that unreadable checkpoints are moved into (never deleted).
 UNREADABLE = "checkpoints_unreadable"
+#: The folder beside ``checkpoints`` of the post-hoc EMA snapshots (every one kept).
+SNAPSHOTS = "ema_snapshots"
+#: A snapshot's items: the profiles' trees, ``meta`` (JSON: the step, the sigma_rels, the gammas), the fingerprint.
+SNAPSHOT_ITEMS = ("emas", "meta", "fingerprint")
+#: Where the snapshots later than the step a run resumes from are moved (never deleted): that run saves its own.
+SUPERSEDED_SNAPSHOTS = "ema_snapshots_superseded"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
@@ -90,10 +108,11 @@ def manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS + LEGACY_ITEMS)
 
 
-def reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
+def reader(directory: str | os.PathLike, items: Sequence[str] = ITEMS + LEGACY_ITEMS) -> ocp.CheckpointManager:
     """A read-only manager of the checkpoints in ``directory`` that this process uses alone: Orbax ends each restore
     with a barrier of the manager's processes, and a host that failed to read would never reach the others' (they
-    would wait for ever, or pair it with its next restore). Every process reads a replicated state whole anyway."""
+    would wait for ever, or pair it with its next restore). Every process reads a replicated state whole anyway.
+    ``items``: the checkpoints' items (:data:`SNAPSHOT_ITEMS` for the post-hoc EMA snapshots)."""
     me = jax.process_index()
     # Not read_only=True: Orbax logs two warnings each time such a manager opens ("Given directory is read only", and
     # that save_interval_steps is set to 0). This one never saves, creates or cleans up, so it writes nothing either.
@@ -103,7 +122,7 @@ def reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
         cleanup_tmp_directories=False,
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}),
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS + LEGACY_ITEMS)
+    return ocp.CheckpointManager(directory, options=options, item_names=tuple(items))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, spec: dict) -> None:
@@ -253,10 +272,28 @@ def restore_latest(mngr: ocp.CheckpointManager, target) -> tuple[Any, list[tuple
 
 
 def _restore_state(mngr: ocp.CheckpointManager, step: int, target):
-    """Checkpoint ``step``'s state onto ``target``, checked (:func:`check_restored`)."""
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    """Checkpoint ``step``'s state onto ``target``, checked (:func:`check_restored`). A checkpoint saved before the
+    TrainState had ``posthoc_emas`` restores onto a target whose field is None (no post-hoc EMA tracked)."""
+    older = _predates_posthoc(mngr, step, target)
+    item = target
+    if older:  # the six fields it has, by name (the layout a dataclass and a dict of its fields share)
+        item = {f.name: getattr(target, f.name) for f in dataclasses.fields(target) if f.name != "posthoc_emas"}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))["state"]
+    restored = dataclasses.replace(target, **restored) if older else restored
     check_restored(mngr, step, restored)
     return restored
+
+
+def _predates_posthoc(mngr: ocp.CheckpointManager, step: int, target) -> bool:
+    """Whether checkpoint ``step`` has no ``posthoc_emas`` in its state (saved before the field) and ``target``'s is
+    None, so that it restores without it. (A target that tracks post-hoc EMAs gets the mismatch as its error.)"""
+    if not dataclasses.is_dataclass(target) or getattr(target, "posthoc_emas", 0) is not None:
+        return False
+    try:  # the state's tree metadata (the manager's item_metadata knows it only once a restore has named the handler)
+        saved = ocp.StandardCheckpointHandler().metadata(pathlib.Path(mngr.directory) / str(step) / "state")
+    except Exception:  # no metadata to go by: the restore itself reports what is wrong
+        return False
+    return saved is not None and hasattr(saved, "keys") and "posthoc_emas" not in saved.keys()
 
 
 def set_aside(workdir: str | os.PathLike, steps) -> pathlib.Path:
@@ -365,6 +402,153 @@ def restore_config(workdir: str | os.PathLike) -> dict:
     """The run's config (as a dict) from the newest checkpoint of ``workdir``."""
     with _reader(workdir) as (mngr, steps):
         return mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def check_posthoc_resume(workdir: str | os.PathLike, sigma_rels: Sequence[float]) -> None:
+    """Refuse to resume ``workdir`` with other post-hoc EMA widths than its newest checkpoint's config records
+    (``optim.posthoc_ema``; none recorded: a run from before the setting, which tracked none). The profiles must be
+    tracked from step 1 with one gamma each, so the state cannot take another setting midway. Nothing to check for a
+    fresh run, or where the config cannot be read (the restore reports that checkpoint). Process 0's verdict holds on
+    every process. Call it on every process.
+
+    Raises:
+      ConfigError: the run is resumed with another ``config.optim.posthoc_ema``.
+    """
+    wanted = tuple(float(s) for s in sigma_rels)
+    try:
+        recorded = tuple(float(s) for s in restore_config(workdir).get("optim", {}).get("posthoc_ema", ()) or ())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = wanted  # a fresh run (no checkpoint), or a config that cannot be read: nothing to compare
+    if not from_process_0(int(recorded != wanted)):
+        return
+    given = ",".join(f"{s:g}" for s in recorded) or "()"
+    raise ConfigError(
+        f"{workdir} tracked post-hoc EMAs of widths {recorded or '(none)'} (config.optim.posthoc_ema of its newest "
+        f"checkpoint), not {wanted or '(none)'}: they are tracked from step 1, so resume it with "
+        f"--config.optim.posthoc_ema={given}, or train a new run in another --workdir."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Post-hoc EMA snapshots (jaxdiff.ema): every one kept, beside the checkpoints.
+
+
+def snapshot_dir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Where a run keeps its post-hoc EMA snapshots: ``<workdir>/ema_snapshots``, absolute."""
+    return pathlib.Path(workdir).absolute() / SNAPSHOTS
+
+
+def snapshot_manager(workdir: str | os.PathLike, *, async_save: bool = True) -> ocp.CheckpointManager:
+    """The manager that saves a run's snapshots: no ``max_to_keep`` (every snapshot is kept: reconstruction needs
+    the whole history), saved in the background if ``async_save``. All processes save (Orbax writes on process 0)."""
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(snapshot_dir(workdir), options=options, item_names=SNAPSHOT_ITEMS)
+
+
+def save_snapshot(
+    mngr: ocp.CheckpointManager, step: int, emas: Sequence, sigma_rels: Sequence[float], gammas: Sequence[float]
+) -> None:
+    """Start saving snapshot ``step``: the tracked profiles' trees ``emas`` (one per sigma_rel, in that order), a JSON
+    item ``meta`` ``{"step", "sigma_rels", "gammas"}``, and the arrays' :func:`fingerprint` (paths ``0/...``,
+    ``1/...``)."""
+    emas = tuple(emas)
+    if not len(emas) == len(sigma_rels) == len(gammas):
+        raise ConfigError(f"{len(emas)} EMA trees, {len(sigma_rels)} sigma_rels, {len(gammas)} gammas: one each.")
+    meta = {"step": int(step), "sigma_rels": [float(s) for s in sigma_rels], "gammas": [float(g) for g in gammas]}
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            emas=ocp.args.StandardSave(emas),
+            meta=ocp.args.JsonSave(meta),
+            fingerprint=ocp.args.JsonSave(fingerprint(emas)),
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _snapshot_reader(workdir):
+    """This process's reader of ``workdir``'s snapshots (None where there is no folder) and their steps as process 0
+    lists them, oldest first."""
+    directory = snapshot_dir(workdir)
+    mngr = reader(directory, SNAPSHOT_ITEMS) if directory.is_dir() else None
+    try:
+        yield mngr, sorted(_agreed_steps(mngr))
+    finally:
+        if mngr is not None:
+            mngr.close()
+
+
+def _snapshot_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # Orbax and the JSON reader raise many kinds for a damaged file
+        where = pathlib.Path(mngr.directory) / str(step)
+        raise CheckpointError(
+            f"The EMA snapshot {where} cannot be read ({_reason(e)}); move it out of {mngr.directory} to reconstruct "
+            "from the others."
+        ) from e
+
+
+def snapshot_index(workdir: str | os.PathLike, up_to_step: int | None = None) -> list[dict]:
+    """What each snapshot of ``workdir`` holds, oldest first (up to ``up_to_step`` if given), from its JSON alone:
+    ``[{"step", "sigma_rels", "gammas"}, ...]``; [] for a run without snapshots. Call it on every process."""
+    with _snapshot_reader(workdir) as (mngr, steps):
+        return [_snapshot_meta(mngr, s) for s in steps if up_to_step is None or s <= up_to_step]
+
+
+def load_snapshot(workdir: str | os.PathLike, step: int, params_like) -> list[Snapshot]:
+    """Snapshot ``step`` of ``workdir``: one :class:`jaxdiff.ema.Snapshot` per tracked profile, its parameters
+    replicated on every device of every process (``params_like``: their shapes, a pytree of arrays or
+    ShapeDtypeStructs), checked against the fingerprint saved with them.
+
+    Raises:
+      CheckpointError: the snapshot cannot be read, holds non-finite values, or its arrays differ from its
+        fingerprint (the message names its folder).
+    """
+    with _snapshot_reader(workdir) as (mngr, steps):
+        if step not in steps:
+            raise MissingFileError(f"No EMA snapshot at step {step} in {snapshot_dir(workdir)}; it has {steps}.")
+        meta = _snapshot_meta(mngr, step)
+        like = abstract(params_like, replicated(make_mesh()))
+        target = tuple(like for _ in meta["gammas"])
+        where = snapshot_dir(workdir) / str(step)
+        try:
+            emas = mngr.restore(step, args=ocp.args.Composite(emas=ocp.args.StandardRestore(target)))["emas"]
+            check_restored(mngr, step, emas)
+        except Exception as e:  # a damaged snapshot is refused, named, never used
+            raise CheckpointError(
+                f"The EMA snapshot {where} cannot be used: {e if isinstance(e, CheckpointError) else _reason(e)}. "
+                f"Move it out of {snapshot_dir(workdir)} to reconstruct from the others."
+            ) from e
+        return [Snapshot(step, float(g), tree) for g, tree in zip(meta["gammas"], emas, strict=True)]
+
+
+def load_snapshots(workdir: str | os.PathLike, params_like, up_to_step: int | None = None) -> list[Snapshot]:
+    """Every snapshot of ``workdir`` (up to ``up_to_step``), oldest first, each profile one
+    :class:`jaxdiff.ema.Snapshot` (:func:`load_snapshot`). All of them are held at once: to combine many snapshots of a
+    large network, read them one by one (:func:`snapshot_index`, then :func:`load_snapshot`)."""
+    index = snapshot_index(workdir, up_to_step)
+    return [snap for meta in index for snap in load_snapshot(workdir, meta["step"], params_like)]
+
+
+def supersede_snapshots(workdir: str | os.PathLike, after_step: int) -> list[int]:
+    """Move the snapshots later than ``after_step`` (the step a run starts or resumes from) to
+    ``workdir/ema_snapshots_superseded/<step>`` (kept, never deleted), so that the run saves its own at those steps
+    (Orbax skips a save at or before its newest step). Process 0 moves them; the others wait. Returns their steps.
+    Call it on every process."""
+    with _snapshot_reader(workdir) as (_, steps):
+        later = [s for s in steps if s > after_step]
+    if later and jax.process_index() == 0:
+        dest_root = pathlib.Path(workdir).absolute() / SUPERSEDED_SNAPSHOTS
+        dest_root.mkdir(parents=True, exist_ok=True)
+        for step in later:
+            dest, n = dest_root / str(step), 1
+            while dest.exists():
+                dest, n = dest_root / f"{step}.{n}", n + 1
+            shutil.move(str(snapshot_dir(workdir) / str(step)), str(dest))
+    if later and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxdiff: superseded EMA snapshots moved")
+    return later
 
 
 class PreemptionWatch:

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import checkpoints, evaluation, images, parallel, pipeline
+from jaxdiff import checkpoints, ema, evaluation, images, parallel, pipeline
 from jaxdiff.data.config import DataConfig
 from jaxdiff.data.readers import load_split
 from jaxdiff.errors import ConfigError
@@ -110,6 +110,7 @@ class SampleRequest:
     label: int | None = None
     guidance: float | None = None  # None: the run's config.sampling.guidance
     autoguidance: float | None = None  # --workdir: None is the run's default for the sampler
+    ema_length: float | None = None  # --workdir: a post-hoc EMA's sigma_rel, rebuilt from the run's snapshots
     churn: float = 0.0
     init_images: str | None = None
     strength: float | None = None
@@ -161,6 +162,13 @@ class SampleRequest:
             raise ConfigError(f"--eval={self.eval} measures the network itself; drop --autoguidance.")
         if self.eval_images is not None and self.eval_images < 1:
             raise ConfigError(f"--eval_images must be >= 1, got {self.eval_images}.")
+        if self.ema_length is not None and self.workdir is None:
+            raise ConfigError("--ema_length rebuilds an EMA from a training run's snapshots: it needs --workdir.")
+        if self.ema_length is not None and not 0 < self.ema_length <= ema.SIGMA_REL_MAX:
+            raise ConfigError(
+                f"--ema_length is a post-hoc EMA's width sigma_rel, in (0, {ema.SIGMA_REL_MAX:.4f}] (EDM2 tracks "
+                f"0.05 and 0.10); got {self.ema_length}."
+            )
 
     @property
     def sampling_steps(self) -> int | None:
@@ -191,7 +199,9 @@ def sample(request: SampleRequest) -> int:
     if request.workdir is not None:
         # The bound is the network's own; the images are drawn as the run samples (autoguided if it is).
         guided = 0.0 if request.eval in BOUND_EVALS else request.autoguidance
-        pipe = pipeline.from_workdir(request.workdir, request.checkpoint_step, guided, request.sampler)
+        pipe = pipeline.from_workdir(
+            request.workdir, request.checkpoint_step, guided, request.sampler, ema_length=request.ema_length
+        )
     else:
         pipe = pipeline.from_checkpoint(
             request.pretrained, request.download, request.ema, request.image_size, request.variance

@@ -65,6 +65,7 @@ __all__ = [
     "key_per_example",
     "mean_flat",
     "normal_noise",
+    "offset_noise",
     "p_mean_variance",
     "posterior_mean_from_eps",
     "predict_eps_from_v",
@@ -127,6 +128,15 @@ def normal_noise(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array
             f"Got {key.shape[0]} keys for a batch of {shape[0]} examples; pass one key, or one per example."
         )
     return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+
+
+def offset_noise(noise: Array, key: Array, strength: float) -> Array:
+    """Offset noise: ``noise`` ``[B, ..., C]`` plus ``strength`` times one N(0, 1) draw per image and channel
+    (shape ``[B, 1, ..., 1, C]``), so that the noise also moves each channel's mean (by strength^2 in variance, on top
+    of 1 / (number of pixels)) and a network trained on it learns to change an image's overall brightness
+    (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual strength)."""
+    shape = (noise.shape[0],) + (1,) * (noise.ndim - 2) + (noise.shape[-1],)
+    return noise + strength * jax.random.normal(key, shape, noise.dtype)
 
 
 def _check_t(t: Array, x: Array) -> None:

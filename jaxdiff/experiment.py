@@ -298,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     began = time.perf_counter()
     run = run_config(config)
     workdir = _writable(pathlib.Path(workdir))
+    checkpoints.check_posthoc_resume(workdir, run.optim.posthoc_ema)  # the tracked EMAs cannot change midway
     if run.sampling.guide_step is not None:
         run, note = _resumed_guide(run, _stored_guide_step(workdir), config.sampling.guide_step)
         if note:
@@ -334,7 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if logs.is_main_process():
             (workdir / "config.json").write_text(json.dumps(config_json, indent=1))
         writer = logs.metric_writer(workdir)
-        checkpointer = actions.Checkpointer(manager, config_json, spec)
+        snapshots = _posthoc_snapshots(run, workdir, int(state.step))
+        checkpointer = actions.Checkpointer(manager, config_json, spec, snapshots=snapshots)
         training_pipe = dataclasses.replace(pipe, params=state.ema_params)
         return state, manager, writer, _actions(run, training_pipe, workdir, checkpointer, writer, mesh, state, began)
 
@@ -367,11 +369,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return state
 
 
+def _posthoc_snapshots(run: RunConfig, workdir: pathlib.Path, first_step: int) -> actions.PosthocSnapshots | None:
+    """The run's post-hoc EMA snapshots (``config.optim.posthoc_ema``), on the checkpoint period and at the end; None
+    when it tracks none."""
+    o, t = run.optim, run.training
+    return actions.posthoc_snapshots(
+        workdir, o.posthoc_ema, o.posthoc_gammas, t.checkpoint_every, t.num_steps, first_step
+    )
+
+
 def _state_builder(run: RunConfig, network: UNetConfig, optimizer, mesh):
     """``fresh(params) -> TrainState`` on the mesh, one jitted program for the EMA copy and the optimizer's zeros
     (eagerly, each leaf's shape compiled its own), and the state's shapes on the mesh (the restore's target)."""
     T = run.diffusion.num_timesteps
-    fresh = jax.jit(lambda p: init_train_state(p, optimizer, T), out_shardings=parallel.replicated(mesh))
+    gammas = run.optim.posthoc_gammas
+    fresh = jax.jit(lambda p: init_train_state(p, optimizer, T, gammas), out_shardings=parallel.replicated(mesh))
     return fresh, checkpoints.abstract(jax.eval_shape(fresh, abstract_params(network)), parallel.replicated(mesh))
 
 

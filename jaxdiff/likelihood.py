@@ -100,7 +100,9 @@ def ode_log_likelihood(
         raise ConfigError("The Hutchinson divergence needs a key for its probes: pass key=jax.random.key(seed).")
     eps = lambda x, u: predictions_between_steps(schedule, model_fn, x, u, prediction=prediction, variance=variance)[1]
     levels = log_sigmas(schedule)
-    u0, u1 = levels[0], levels[-1]
+    # To the chain's top level; on a zero-terminal-SNR chain (an infinite top) to its highest finite one, where the
+    # prior N(0, I) is taken to hold as it is at any chain's top (abar there is 1 / (1 + sigma^2)).
+    u0, u1 = levels[0], jnp.max(jnp.where(jnp.isfinite(levels), levels, -jnp.inf))
     batch = x.shape[0]
     flat = lambda a: a.reshape(batch, -1)
 

@@ -39,7 +39,7 @@ BETA_SCHEDULES = (
 )
 
 #: Step grids spread in t (:func:`space_timesteps`).
-SPACINGS = ("even", "quadratic")
+SPACINGS = ("even", "quadratic", "trailing")
 SNR_SPACINGS = ("logsnr", "karras")  #: spacings that need the betas (see snr_spaced_timesteps)
 #: Karras et al.'s rho of the ``karras`` grid: sigma_i^(1/rho) evenly spaced.
 KARRAS_RHO = 7.0
@@ -66,6 +66,7 @@ __all__ = [
     "log_sigma_at",
     "log_sigmas",
     "make_schedule",
+    "rescale_zero_terminal_snr",
     "respace",
     "respaced",
     "sampling_schedule",
@@ -271,9 +272,12 @@ class Schedule:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:
             raise ConfigError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
-        ok = np.isfinite(betas) & (betas > 0.0) & (betas < 1.0)
+        ok = _betas_ok(betas)
         if not np.all(ok):
-            raise ConfigError(f"betas must all lie in the open interval (0, 1); found {betas[~ok][:5].tolist()}.")
+            raise ConfigError(
+                "betas must all lie in the open interval (0, 1), but for the last, which may be 1 (a chain with zero "
+                f"terminal SNR: rescale_zero_terminal_snr); found {betas[~ok][:5].tolist()}."
+            )
         T = betas.shape[0]
         given_map = timestep_map is not None
         timestep_map = np.asarray(timestep_map if given_map else np.arange(T))
@@ -284,7 +288,7 @@ class Schedule:
 
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
-        log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))
+        log_sigma = _log_sigma(abar)
         if chain_betas is not None:
             chain_log_sigmas = _chain_log_sigmas(np.asarray(chain_betas, np.float64), timestep_map, abar)
         elif given_map:
@@ -310,8 +314,8 @@ class Schedule:
             sqrt_alphas_cumprod_prev=np.sqrt(abar_prev),
             sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_abar),
             log_one_minus_alphas_cumprod=np.log(one_minus_abar),
-            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
-            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+            sqrt_recip_alphas_cumprod=_sqrt_recip(abar),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(_sqrt_recip(abar) ** 2 - 1.0),
             posterior_variance=posterior_variance,
             posterior_log_variance_clipped=posterior_log_variance_clipped,
             posterior_mean_coef1=np.sqrt(abar_prev) * betas / one_minus_abar,
@@ -323,10 +327,29 @@ class Schedule:
         return cls(**arrays, timestep_map=jnp.asarray(timestep_map.astype(np.int32)))
 
 
+def _betas_ok(betas: np.ndarray) -> np.ndarray:
+    """Which betas a chain may have: each in (0, 1), the last also 1 (abar_T = 0: zero terminal SNR)."""
+    ok = np.isfinite(betas) & (betas > 0.0) & (betas < 1.0)
+    ok[-1:] |= betas[-1:] == 1.0
+    return ok
+
+
+def _log_sigma(abar: np.ndarray) -> np.ndarray:
+    """log sigma = 0.5 log((1 - abar) / abar), float64; +inf where abar = 0 (the last step of a zero-SNR chain)."""
+    with np.errstate(divide="ignore"):
+        return 0.5 * (np.log1p(-abar) - np.log(abar))
+
+
+def _sqrt_recip(abar: np.ndarray) -> np.ndarray:
+    """sqrt(1 / abar); +inf where abar = 0 (eps prediction cannot give x_0 there: see rescale_zero_terminal_snr)."""
+    with np.errstate(divide="ignore"):
+        return np.sqrt(1.0 / abar)
+
+
 def _chain_log_sigmas(chain_betas: np.ndarray, timestep_map: np.ndarray, abar: np.ndarray) -> np.ndarray:
     """log sigma at every step of the chain of ``chain_betas``, float64 ``[T_chain]``, once its abar is checked to be
     the kept steps' ``abar`` at ``timestep_map``."""
-    if chain_betas.ndim != 1 or not np.all((chain_betas > 0.0) & (chain_betas < 1.0)):
+    if chain_betas.ndim != 1 or not np.all(_betas_ok(chain_betas)):
         raise ConfigError("chain_betas must be a 1-D array of betas in (0, 1), those of the chain respaced from.")
     if timestep_map.min() < 0 or timestep_map.max() >= chain_betas.shape[0]:
         raise ConfigError(
@@ -339,7 +362,7 @@ def _chain_log_sigmas(chain_betas: np.ndarray, timestep_map: np.ndarray, abar: n
             "chain_betas do not give the schedule's abar at timestep_map: pass the betas of the chain that the "
             "schedule was respaced from (respace does)."
         )
-    return 0.5 * (np.log1p(-chain_abar) - np.log(chain_abar))
+    return _log_sigma(chain_abar)
 
 
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
@@ -348,13 +371,15 @@ def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
 
 
 def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -> np.ndarray:
-    """Choose ``num_steps`` of ``num_timesteps`` original timesteps (sorted, distinct, 0-indexed, always keeping 0).
+    """Choose ``num_steps`` of ``num_timesteps`` original timesteps (sorted, distinct, 0-indexed).
 
     Args:
       num_timesteps: T of the original chain.
       num_steps: how many to keep, 1 <= num_steps <= T.
-      spacing: ``even`` (evenly spaced, as in improved DDPM's respacing) or ``quadratic`` (denser near t = 0,
-        as in DDIM's CIFAR-10 setting).
+      spacing: ``even`` (evenly spaced from 0 to T - 1, as in improved DDPM's respacing), ``quadratic`` (denser near
+        t = 0, as in DDIM's CIFAR-10 setting; keeps 0) or ``trailing`` (Lin et al. 2024, Table 2: every (T / n)-th
+        step counted down from T - 1, ``round(T - k T / n) - 1`` for k = 0 .. n - 1; always keeps T - 1, the chain's
+        noisiest step, which a sampler of a zero-terminal-SNR chain must start from, and ends at or above step 0).
 
     Returns:
       int64 array of shape ``[num_steps]``.
@@ -372,6 +397,9 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "even") -
         return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
     if spacing == "quadratic":
         return _distinct(np.round(np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2), num_timesteps)
+    if spacing == "trailing":
+        counted_down = np.round(num_timesteps - np.arange(num_steps) * (num_timesteps / num_steps)) - 1
+        return _distinct(counted_down, num_timesteps)
     raise ConfigError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + SNR_SPACINGS)}.")
 
 
@@ -400,7 +428,13 @@ def snr_spaced_timesteps(betas: np.ndarray, num_steps: int, spacing: str = "logs
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
         raise ConfigError(f"num_steps must be an int in [1, {T}] (the chain has T = {T}), got {num_steps!r}.")
     abar = np.cumprod(1.0 - betas)
-    log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))  # -lambda, increasing in t
+    if abar[-1] == 0.0 and T > 1:  # zero terminal SNR: its last level is infinite; the grid spans the finite ones
+        if spacing not in SNR_SPACINGS:
+            raise ConfigError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SNR_SPACINGS)}.")
+        if num_steps == 1:
+            return np.array([T - 1])
+        return np.append(snr_spaced_timesteps(betas[:-1], num_steps - 1, spacing), T - 1)
+    log_sigma = _log_sigma(abar)  # -lambda, increasing in t
     if spacing == "logsnr":
         targets = np.linspace(log_sigma[0], log_sigma[-1], num_steps)
     elif spacing == "karras":
@@ -435,6 +469,45 @@ def respace(betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int]) -
     abar = np.cumprod(1.0 - betas)[kept]
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     return Schedule.from_betas(1.0 - abar / abar_prev, timestep_map=kept, chain_betas=betas)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray | Schedule) -> np.ndarray | Schedule:
+    r"""The chain rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Algorithm 1): sqrt(abar) shifted and scaled so that its last value is 0 and its first unchanged,
+
+    .. math::
+
+        \sqrt{\bar\alpha'_t} = \big(\sqrt{\bar\alpha_t} - \sqrt{\bar\alpha_T}\big)
+          \frac{\sqrt{\bar\alpha_1}}{\sqrt{\bar\alpha_1} - \sqrt{\bar\alpha_T}},
+
+    and the betas read back from it, ``beta'_t = 1 - abar'_t / abar'_{t-1}`` (``beta'_T = 1``). A chain such as DDPM's
+    linear one ends at abar_T = 4e-5, not at 0, so a model trained on it never sees pure noise, yet sampling starts
+    there; on the rescaled chain x_T is exactly eps. There the network cannot predict eps (x_0 = (x_T -
+    sqrt(1 - abar_T) eps) / sqrt(abar_T) divides by zero): train it with v (or x_0) prediction, and sample it from
+    the last step (``trailing`` spacing, or any grid of :func:`respaced`: all keep step T - 1).
+
+    Args:
+      betas: float64 ``[T]`` (:func:`beta_schedule`), or a :class:`Schedule` that is not respaced.
+
+    Returns:
+      float64 betas ``[T]`` with ``beta_T = 1`` exactly and ``abar_1`` unchanged, or a :class:`Schedule` of them.
+
+    Raises:
+      ValueError: fewer than 2 steps, or a respaced schedule (rescale its chain's betas, then respace).
+    """
+    if isinstance(betas, Schedule):
+        if not np.array_equal(np.asarray(betas.timestep_map), np.arange(betas.num_timesteps)):
+            raise ConfigError("Rescale the betas of the full chain, then respace them: this schedule is respaced.")
+        return Schedule.from_betas(rescale_zero_terminal_snr(np.asarray(betas.betas, np.float64)))
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 2:
+        raise ConfigError(f"Zero terminal SNR needs a chain of at least 2 betas, got shape {betas.shape}.")
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    rescaled = (root - last) * (first / (first - last))
+    rescaled[0], rescaled[-1] = first, 0.0  # exactly, whatever the rounding of the line above
+    abar = rescaled**2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 def respaced(betas: np.ndarray, steps: int | None = None, spacing: str = "even") -> Schedule:
@@ -486,7 +559,17 @@ def timestep_at(schedule: Schedule, log_sigma: jax.Array) -> jax.Array:
     k-diffusion and DPM-Solver do for discrete-time models. :func:`log_sigma_at` is its inverse on the range.
     """
     steps = jnp.arange(schedule.chain_log_sigmas.shape[0], dtype=jnp.float32)
-    return jnp.interp(log_sigma, schedule.chain_log_sigmas, steps)
+    return jnp.interp(log_sigma, _finite_levels(schedule), steps)
+
+
+#: Where :func:`timestep_at` and :func:`log_sigma_at` put the infinite last level of a zero-terminal-SNR chain: any
+#: finite level above the last finite one maps to just above that one's step, and exp(_TOP) is inf (abar = 0).
+_TOP_LOG_SIGMA = 1e30
+
+
+def _finite_levels(schedule: Schedule) -> jax.Array:
+    """The chain's log sigmas with an infinite last level (zero terminal SNR) replaced by ``_TOP_LOG_SIGMA``."""
+    return jnp.minimum(schedule.chain_log_sigmas, _TOP_LOG_SIGMA)
 
 
 def log_sigma_at(schedule: Schedule, timesteps: jax.Array) -> jax.Array:
@@ -494,7 +577,7 @@ def log_sigma_at(schedule: Schedule, timesteps: jax.Array) -> jax.Array:
     original chain: the inverse of :func:`timestep_at`. An exact denoiser for a solver that calls it between steps
     reads its level from here."""
     steps = jnp.arange(schedule.chain_log_sigmas.shape[0], dtype=jnp.float32)
-    return jnp.interp(jnp.asarray(timesteps, jnp.float32), steps, schedule.chain_log_sigmas)
+    return jnp.interp(jnp.asarray(timesteps, jnp.float32), steps, _finite_levels(schedule))
 
 
 def truncated(schedule: Schedule, steps: int) -> Schedule:

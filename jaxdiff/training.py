@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff import diffusion, parallel
+from jaxdiff import diffusion, edm, flow, parallel
+from jaxdiff.ema import SIGMA_REL_MAX, sigma_rel_to_gamma, update_power_emas
 from jaxdiff.errors import ConfigError
 from jaxdiff.losses import diffusion_loss
 from jaxdiff.schedules import Schedule
@@ -54,6 +55,10 @@ class OptimConfig:
     ``grad_accum_steps = k`` computes each step's gradient over its batch in k sequential micro-batches (memory for
     one micro-batch of activations), summed: the same update as the whole batch at once, up to float summation order.
 
+    ``posthoc_ema``: the relative widths (sigma_rel) of the power-function EMAs tracked beside that EMA for post-hoc
+    EMA (Karras et al. 2024, EDM2 section 3; :mod:`jaxdiff.ema`): each in (0, 0.3003], e.g. EDM2's (0.05, 0.10);
+    () tracks none.
+
     DDPM: lr 2e-4, warmup 5000 steps, clip 1.0, no decay, EMA 0.9999.
     """
 
@@ -69,6 +74,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = False
+    posthoc_ema: tuple[float, ...] = ()
 
     def __post_init__(self):
         diffusion.check_choice("decay", self.decay, DECAYS)
@@ -79,6 +85,21 @@ class OptimConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+        widths = self.posthoc_ema
+        if not isinstance(widths, tuple | list) or not all(
+            isinstance(s, int | float) and not isinstance(s, bool) and 0 < s <= SIGMA_REL_MAX for s in widths
+        ):
+            raise ConfigError(
+                f"posthoc_ema must be a tuple of EMA widths sigma_rel in (0, {SIGMA_REL_MAX:.4f}], e.g. "
+                f"--config.optim.posthoc_ema=0.05,0.10 (EDM2's), or () for none; got {widths!r}."
+            )
+        object.__setattr__(self, "posthoc_ema", tuple(float(s) for s in widths))
+
+    @property
+    def posthoc_gammas(self) -> tuple[float, ...]:
+        """The exponents of the tracked power-function EMAs, one per ``posthoc_ema`` width
+        (:func:`jaxdiff.ema.sigma_rel_to_gamma`)."""
+        return tuple(sigma_rel_to_gamma(s) for s in self.posthoc_ema)
 
 
 def learning_rate(opt: OptimConfig) -> optax.Schedule:
@@ -113,6 +134,11 @@ class TrainState:
 
     ``loss_history`` ``[T, 10]`` and ``history_count`` ``[T]`` feed importance sampling of t (zeros otherwise: a run
     that draws t uniformly never writes them).
+
+    ``posthoc_emas``: the power-function EMAs of post-hoc EMA, a tuple of trees shaped like ``params``, one per
+    width of ``OptimConfig.posthoc_ema`` in its order (:func:`jaxdiff.ema.update_power_emas`); None (no leaves: a
+    state, and a checkpoint, as before the field existed) when none is tracked. Last, with a default, so that the
+    six-field positional construction still works.
     """
 
     step: jax.Array
@@ -121,6 +147,7 @@ class TrainState:
     opt_state: Any
     loss_history: jax.Array
     history_count: jax.Array
+    posthoc_emas: Any = None
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -129,9 +156,13 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, step_key
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, num_timesteps: int) -> TrainState:
+def init_train_state(
+    params, optimizer: optax.GradientTransformation, num_timesteps: int, posthoc_gammas: tuple[float, ...] = ()
+) -> TrainState:
     """A fresh state from initial ``params`` (drawn with ``run_keys(seed)[0]``): EMA equal to them, a zero optimizer
-    state, empty loss histories."""
+    state, empty loss histories; one power-function EMA per exponent of ``posthoc_gammas`` (``OptimConfig
+    .posthoc_gammas``), each a copy of ``params`` (the first update replaces it: beta_1 = 0), or None for ()."""
+    posthoc = tuple(jax.tree_util.tree_map(jnp.copy, params) for _ in posthoc_gammas) or None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -139,6 +170,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation, num_timest
         opt_state=optimizer.init(params),
         loss_history=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
         history_count=jnp.zeros((num_timesteps,), jnp.int32),
+        posthoc_emas=posthoc,
     )
 
 
@@ -182,9 +214,39 @@ def _ema_update(ema, params, step: jax.Array, opt: OptimConfig):
     return jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
 
 
-def _quarter_losses(losses: jax.Array, t: jax.Array, T: int) -> dict[str, jax.Array]:
-    """``loss_q0``..``loss_q3``: the mean loss of the examples whose t lies in each quarter of [0, T) (NaN if none)."""
-    quarter = (t * 4) // T
+def _posthoc_update(state: TrainState, params, opt: OptimConfig):
+    """The power-function EMAs after this update, the (state.step + 1)-th (1-based); None when none is tracked."""
+    if state.posthoc_emas is None and not opt.posthoc_ema:
+        return None
+    if state.posthoc_emas is None or len(state.posthoc_emas) != len(opt.posthoc_ema):
+        tracked = 0 if state.posthoc_emas is None else len(state.posthoc_emas)
+        raise ConfigError(
+            f"The state tracks {tracked} post-hoc EMA(s) but posthoc_ema = {opt.posthoc_ema}: build it with "
+            "init_train_state(..., posthoc_gammas=opt.posthoc_gammas)."
+        )
+    return update_power_emas(state.posthoc_emas, params, state.step + 1, opt.posthoc_gammas)
+
+
+def _draw_levels(key, state: TrainState, batch_size: int, T: int, objective: DiffusionConfig):
+    """The batch's noise levels ``[B]`` (the chain's timesteps; EDM's sigmas; flow matching's times), their loss
+    weights ``[B]``, and the quarter ``[B]`` (0..3) of the levels' range that each falls in: of [0, T) for the chain,
+    of the log-normal's probability for EDM (its quartiles), of [0, 1) for flow matching."""
+    ones = jnp.ones((batch_size,), jnp.float32)
+    quarter_of = lambda position: jnp.clip(jnp.floor(4.0 * position), 0, 3).astype(jnp.int32)
+    if objective.process == "edm":
+        sigma = edm.draw_sigmas(key, batch_size, objective.p_mean, objective.p_std)
+        position = jax.scipy.stats.norm.cdf((jnp.log(sigma) - objective.p_mean) / objective.p_std)
+        return sigma, ones, quarter_of(position)
+    if objective.process == "flow":
+        sampling = "logit_normal" if objective.t_sampling == "logit_normal" else "uniform"
+        t = flow.draw_times(key, batch_size, sampling, objective.logit_mean, objective.logit_std)
+        return t, ones, quarter_of(t)
+    t, weights = _draw_timesteps(key, state, batch_size, T, objective.t_sampling == "importance")
+    return t, weights, (t * 4) // T
+
+
+def _quarter_losses(losses: jax.Array, quarter: jax.Array) -> dict[str, jax.Array]:
+    """``loss_q0``..``loss_q3``: the mean loss of the examples in each quarter of the levels (NaN if none)."""
     return {f"loss_q{q}": jnp.sum(jnp.where(quarter == q, losses, 0.0)) / jnp.sum(quarter == q) for q in range(4)}
 
 
@@ -203,13 +265,19 @@ def make_train_step(
     has a ``null_class``: the batch's labels go in, each replaced by the null class with probability
     ``objective.label_dropout``; an unconditional one (None) gets no labels.
 
-    ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Its timesteps,
+    ``objective.process`` picks the loss: the chain's (:func:`jaxdiff.losses.diffusion_loss` at timesteps t), EDM's
+    (:func:`jaxdiff.edm.edm_loss` at log-normal sigmas) or flow matching's (:func:`jaxdiff.flow.flow_loss` at times in
+    (0, 1)); ``objective.offset_noise`` adds offset noise to the training noise
+    (:func:`jaxdiff.diffusion.offset_noise`).
+
+    ``batch`` is ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}`` (the global batch). Its levels,
     noise and label dropout are drawn for the whole batch; with ``opt.grad_accum_steps = k`` the gradient is then
     summed over k micro-batches (examples i, i + k, i + 2k, ...: each device keeps its own rows) in a ``lax.scan``.
     Dropout masks are drawn per micro-batch. Metrics (all
-    scalars): ``loss``, ``loss_q0``..``loss_q3`` (the mean loss of the examples whose t lies in each quarter of
-    [0, T); NaN when none does), ``grad_norm``, ``lr``, ``finite`` (1 if the loss and the gradients are finite; if
-    not, the returned state is the input state, unchanged, and the caller must stop).
+    scalars): ``loss``, ``loss_q0``..``loss_q3`` (the mean loss of the examples whose level lies in each quarter of
+    the levels: of [0, T) for the chain, of the log-normal's probability for EDM, of t for flow matching; NaN when
+    none does), ``grad_norm``, ``lr``, ``finite`` (1 if the loss and the gradients are finite; if not, the returned
+    state is the input state, unchanged, and the caller must stop).
     """
     T = schedule.num_timesteps
     base_key = run_keys(seed)[1]
@@ -222,6 +290,8 @@ def make_train_step(
         """The step's noise and (dropped) labels for the whole batch, and the key of its dropout masks."""
         noise_key, dropout_key, label_key = jax.random.split(key, 3)
         noise = jax.random.normal(noise_key, batch["image"].shape, batch["image"].dtype)
+        if objective.offset_noise > 0:
+            noise = diffusion.offset_noise(noise, jax.random.fold_in(noise_key, 1), objective.offset_noise)
         labels = None
         if conditional:
             drop = jax.random.bernoulli(label_key, objective.label_dropout, batch["label"].shape)
@@ -230,7 +300,12 @@ def make_train_step(
 
     def loss_fn(params, x0, noise, labels, t, weights, dropout_key):
         model_fn = lambda x_t, timesteps: apply_fn(params, x_t, timesteps, labels, dropout_key)
-        losses = diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
+        if objective.process == "edm":  # t: the noise levels sigma
+            losses = edm.edm_loss(model_fn, x0, noise, t, objective.sigma_data)
+        elif objective.process == "flow":  # t: the times in (0, 1)
+            losses = flow.flow_loss(model_fn, x0, noise, t)
+        else:  # t: the chain's timesteps
+            losses = diffusion_loss(schedule, model_fn, x0, t, noise, **objective.loss_kwargs())
         return jnp.mean(losses * weights), losses
 
     def gradient(params, inputs, dropout_key):
@@ -257,7 +332,7 @@ def make_train_step(
         batch_size = batch["image"].shape[0]
         if batch_size % k:
             raise ConfigError(f"The batch of {batch_size} does not split into grad_accum_steps = {k} micro-batches.")
-        t, weights = _draw_timesteps(t_key, state, batch_size, T, objective.t_sampling == "importance")
+        t, weights, quarter = _draw_levels(t_key, state, batch_size, T, objective)
         noise, labels, dropout_key = draws(batch, loss_key)
         inputs = (batch["image"], noise, labels, t, weights)
         (loss, losses), grads = gradient(state.params, inputs, dropout_key)
@@ -265,10 +340,11 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = _ema_update(state.ema_params, params, state.step, opt)
+        posthoc = _posthoc_update(state, params, opt)
         history, count = state.loss_history, state.history_count
         if objective.t_sampling == "importance":  # a loop over the batch: only where the draws read the history
             history, count = _record_losses(state, t, jax.lax.stop_gradient(losses))
-        new_state = TrainState(state.step + 1, params, ema, opt_state, history, count)
+        new_state = TrainState(state.step + 1, params, ema, opt_state, history, count, posthoc)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step changes nothing, so the state in hand (and any checkpoint of it) stays the last good one.
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -277,7 +353,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": lr_fn(state.step),
             "finite": finite.astype(jnp.float32),
-            **_quarter_losses(losses, t, T),
+            **_quarter_losses(losses, quarter),
         }
         return new_state, metrics
 

@@ -239,12 +239,16 @@ def assert_ran_two_steps(state, workdir, out: str, bound: bool = True) -> None:
     assert ("step 2  eval bits/dim" in out) == bound, out
 
 
-# digits in the fast set; the conditional and DDPM variants (their 2-step runs: ~30 s each) with the slow tests, their
-# resolution at 1-3 steps above is fast, and tests/test_training.py trains both kinds of network.
+# digits, and its EDM and flow-matching variants (their train step, their bound and their DDPM grid go through the
+# Pipeline's VP view of the network: jaxdiff.pipeline.loaders.path_apply) in the fast set; the conditional and DDPM
+# variants (their 2-step runs: ~30 s each) with the slow tests, their resolution at 1-3 steps above is fast, and
+# tests/test_training.py trains both kinds of network.
 @pytest.mark.parametrize(
     "name",
     [
         "digits",
+        "digits_edm",
+        "digits_flow",
         pytest.param("digits_cond", marks=pytest.mark.slow),
         pytest.param("digits_ddpm", marks=pytest.mark.slow),
     ],

@@ -703,7 +703,7 @@ def test_sample_py_edits_given_images_with_sdedit_and_inpainting(tmp_path, subpr
         (("--mask=left_half", "--sampler=ddim"), "use --sampler=ddpm"),
         (("--strength=1.5",), r"strength must lie in \[0, 1\]"),
         (("--mask=ring",), "Unknown mask 'ring'|neither one of"),
-        (("--strength=0.5", "--churn=1"), "churn is Heun's"),
+        (("--strength=0.5", "--churn=1"), "churn is Karras et al.'s"),
     ):
         bad = sample(*flags, out="bad")
         assert bad.returncode != 0 and re.search(message, bad.stderr), (flags, bad.stderr[-2000:])

@@ -155,9 +155,11 @@ def test_bad_schedule_input_raises_clear_errors():
     for T in [0, -3, 2.5, True]:
         with pytest.raises(ValueError, match="num_timesteps"):
             beta_schedule("linear", T)
-    for betas in [[0.1, 0.0], [0.5, 1.0], [0.1, float("nan")], [-0.1], []]:
+    for betas in [[0.1, 0.0], [1.0, 0.5], [0.5, 1.0, 0.5], [0.1, float("nan")], [-0.1], [1.2], []]:
         with pytest.raises(ValueError, match=r"betas must"):
             Schedule.from_betas(betas)
+    # a beta of 1 only as the last: a chain with zero terminal SNR (abar_T = 0, issue #34)
+    assert float(Schedule.from_betas([0.5, 1.0]).alphas_cumprod[-1]) == 0.0
     with pytest.raises(ValueError, match="1-D"):
         Schedule.from_betas(np.full((2, 2), 0.1))
     with pytest.raises(ValueError, match="timestep_map"):

@@ -4,6 +4,7 @@ or evaluate it.
     jaxdiff-sample --workdir=runs/digits --num_samples=64 [--sampler=ddim --steps=50 --eta=0]
     jaxdiff-sample --pretrained=path/to/ddpm-cifar10-32 --num_samples=50000 --batch_size=500 --out=fid/samples
     jaxdiff-sample --pretrained=diffusion_cifar10_model/model.ckpt-790000 [--noema]   # the paper's TF1 release
+    jaxdiff-sample --workdir=runs/digits --ema_length=0.07   # post-hoc EMA: needs --config.optim.posthoc_ema
 
 Writes under --out: grid.png, images/000000.png ..., and samples.npz (uint8 [N, H, W, C] under arr_0).
 
@@ -48,6 +49,13 @@ def _model_flags(flags, variances) -> None:
     flags.DEFINE_integer(
         "checkpoint_step", None, "With --workdir: the step of the checkpoint to use (default: the newest readable)."
     )
+    flags.DEFINE_float(
+        "ema_length",
+        None,
+        "With --workdir: post-hoc EMA (EDM2), the EMA of this width sigma_rel (e.g. 0.07) rebuilt from the run's "
+        "snapshots up to the checkpoint's step, instead of its config.optim.ema_decay EMA (train with "
+        "--config.optim.posthoc_ema=0.05,0.10 to save them).",
+    )
     flags.DEFINE_string(
         "pretrained",
         None,
@@ -87,12 +95,16 @@ def _drawing_flags(flags, samplers) -> None:
         None,
         list(samplers),
         "Ancestral DDPM, DDIM, or an ODE solver (dpm++3m-ref: 3M as DPM-Solver's, diffusers' and k-diffusion's codes "
-        "have it; docs/conventions.md). Default: ddpm; with --eval=fid, the run's training-time FID sampler "
+        "have it; docs/conventions.md); edm (Karras et al.'s sampler on the rho grid), flow-euler or flow-heun (the "
+        "flow-matching ODE in t), for any model. Default: ddpm; with --eval=fid, the run's training-time FID sampler "
         "(config.evaluation.sampler and steps; DDIM over 100 steps for --pretrained).",
     )
     flags.DEFINE_integer("steps", None, "Sampling steps; default: all T for ddpm, 50 for ddim, 20 for the ODE solvers.")
     flags.DEFINE_enum(
-        "spacing", None, ["even", "quadratic", "logsnr", "karras"], "How the steps are spread (default: the sampler's)."
+        "spacing",
+        None,
+        ["even", "quadratic", "trailing", "logsnr", "karras"],
+        "How the steps are spread (default: the sampler's).",
     )
     flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 the DDPM posterior variance.")
     flags.DEFINE_integer("seed", 0, "Image i is drawn (or, with --eval, evaluated) with the key fold_in(key(seed), i).")
@@ -108,7 +120,9 @@ def _drawing_flags(flags, samplers) -> None:
         "--workdir: autoguidance scale w, the model guided away from its EMA at the run's guide step (0: none; "
         "default: the run's config.sampling.autoguidance for the samplers in its autoguided_samplers, else none).",
     )
-    flags.DEFINE_float("churn", 0.0, "--sampler=heun: Karras et al.'s S_churn (0: the deterministic ODE solver).")
+    flags.DEFINE_float(
+        "churn", 0.0, "--sampler=heun or edm: Karras et al.'s S_churn (0: the deterministic ODE solver)."
+    )
 
 
 def _editing_flags(flags) -> None:

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion, images, parallel, samplers
+from jaxdiff import diffusion, edm, flow, images, parallel, samplers
 from jaxdiff.errors import ConfigError
 from jaxdiff.pipeline.base import Pipeline
 
-__all__ = ["Edit", "check_images_fit", "check_request", "generate", "labels_for", "make_sampler"]
+__all__ = ["Edit", "check_images_fit", "check_request", "generate", "labels_for", "make_sampler", "path_sample"]
 
 
 def check_images_fit(pipe: Pipeline, images: np.ndarray, what: str) -> None:
@@ -76,8 +76,15 @@ def check_request(
     samplers.check_eta(eta)
     if sampler != "ddim" and eta != 0:
         raise ConfigError(f"eta is a DDIM setting; use --sampler=ddim with --eta, or drop --eta for {sampler}.")
-    if churn != 0 and (sampler != "heun" or not churn > 0):
-        raise ConfigError(f"churn is Heun's stochastic churn, >= 0 with --sampler=heun; got {churn} with {sampler}.")
+    if churn != 0 and (sampler not in ("heun", "edm") or not churn > 0):
+        raise ConfigError(
+            f"churn is Karras et al.'s stochastic churn, >= 0 with --sampler=heun or edm; got {churn} with {sampler}."
+        )
+    if edit is not None and sampler in samplers.PATH_SAMPLERS:
+        raise ConfigError(
+            f"Editing runs on the chain's samplers (SDEdit: any of {', '.join(samplers.SAMPLERS[:-3])}; inpainting: "
+            f"ddpm), not on {sampler}."
+        )
     classes = pipe.num_classes
     if classes is None and (label is not None or guidance != 0):
         raise ConfigError(
@@ -126,6 +133,8 @@ def make_sampler(
     kwargs = {"prediction": pipe.prediction, "variance": pipe.variance, "clip_x0": pipe.clip_x0}
 
     def from_noise(schedule, model_fn, key, shape, x_T=None):
+        if sampler in samplers.PATH_SAMPLERS:
+            return path_sample(pipe, sampler, steps, model_fn, key, shape, churn, x_T)
         if sampler == "ddim":
             return samplers.ddim_sample(schedule, model_fn, shape, key, eta=eta, x_T=x_T, **kwargs)
         if sampler.startswith("dpm++"):
@@ -172,6 +181,25 @@ def make_sampler(
 
     run.mesh, run.lower = mesh, compiled.lower  # its mesh (for generate), and its program (for XLA's analyses)
     return run
+
+
+def path_sample(pipe: Pipeline, sampler: str, steps: int | None, model_fn, key, shape, churn: float = 0.0, x_T=None):
+    """``edm`` (Karras et al.'s sampler on the rho grid between the chain's lowest and highest finite levels) or
+    ``flow-euler``/``flow-heun`` (the flow ODE on an even grid in t from the chain's top, t = 1 for a chain that ends
+    at pure noise), over ``steps`` intervals (None: T), on any pipeline: the network through its denoiser or
+    velocity (:func:`jaxdiff.edm.denoiser`, :func:`jaxdiff.flow.velocity`)."""
+    steps = pipe.num_timesteps if steps is None else steps
+    kinds = {"prediction": pipe.prediction, "variance": pipe.variance}
+    abar = np.cumprod(1.0 - pipe.betas)
+    with np.errstate(divide="ignore"):
+        sigmas = np.sqrt((1.0 - abar) / abar)
+    if sampler == "edm":
+        grid = edm.sigma_grid(steps, float(sigmas[0]), float(sigmas[np.isfinite(sigmas)].max()))
+        return edm.edm_sample(edm.denoiser(pipe.schedule, model_fn, **kinds), shape, key, grid, s_churn=churn, x_T=x_T)
+    top = np.sqrt(1.0 - abar[-1]) / (np.sqrt(abar[-1]) + np.sqrt(1.0 - abar[-1]))  # t = sigma / (1 + sigma)
+    method = sampler.removeprefix("flow-")
+    velocity = flow.velocity(pipe.schedule, model_fn, **kinds)
+    return flow.flow_sample(velocity, shape, key, flow.time_grid(steps, float(top)), method=method, x_T=x_T)
 
 
 def labels_for(num_samples: int, num_classes: int | None, label: int | None) -> np.ndarray | None:

@@ -9,9 +9,12 @@ import json
 import os
 import pathlib
 
-from jaxdiff import checkpoints, diffusion, samplers
+import jax
+
+from jaxdiff import checkpoints, diffusion, edm, ema, flow, parallel, samplers
 from jaxdiff.data.config import DataConfig
 from jaxdiff.errors import CheckpointError
+from jaxdiff.logs import log
 from jaxdiff.models.unet import abstract_params, make_apply
 from jaxdiff.pipeline.base import Pipeline
 from jaxdiff.spec import DiffusionConfig, ModelSpec
@@ -25,6 +28,8 @@ __all__ = [
     "from_spec",
     "from_workdir",
     "params_like",
+    "path_apply",
+    "posthoc_ema_params",
 ]
 
 
@@ -32,10 +37,10 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
     """The pipeline of jaxdiff's UNet described by ``spec``, at ``params``: the one place a UNet becomes one."""
     net = spec.network
     return Pipeline(
-        apply_fn=make_apply(net),
+        apply_fn=path_apply(make_apply(net), spec.diffusion),
         params=params,
         betas=spec.diffusion.betas(),
-        prediction=spec.diffusion.prediction,
+        prediction=spec.diffusion.sampled_prediction,
         variance=spec.diffusion.variance,
         clip_x0=spec.clip_x0,
         image_shape=(net.image_size, net.image_size, net.in_channels),
@@ -49,13 +54,36 @@ def from_spec(spec: ModelSpec, params, source: str) -> Pipeline:
     )
 
 
+def path_apply(apply_fn, diffusion: DiffusionConfig):
+    """The network of a run as the Pipeline holds it: itself for ``ddpm``; an ``edm`` or ``flow`` network presented as
+    a VP network on its chain, predicting x_0 (:func:`jaxdiff.edm.vp_model`) or v (:func:`jaxdiff.flow.vp_model`), so
+    that every sampler, the bound and FID take it as they take any other."""
+    if diffusion.process == "ddpm":
+        return apply_fn
+    T = diffusion.num_timesteps
+
+    def vp_apply(params, x_t, timesteps, labels):
+        net = lambda x, label: apply_fn(params, x, label, labels)
+        if diffusion.process == "edm":
+            d = diffusion
+            return edm.vp_model(net, T, d.sigma_min, d.sigma_max, d.sigma_data)(x_t, timesteps)
+        return flow.vp_model(net, T)(x_t, timesteps)
+
+    return vp_apply
+
+
 def params_like(spec: dict):
     """The shapes of the parameters of the network that a checkpoint's stored spec (JSON) describes."""
     return abstract_params(ModelSpec.from_json(spec).network)
 
 
 def from_workdir(
-    workdir: str | os.PathLike, step: int | None = None, autoguidance: float | None = 0.0, sampler: str | None = None
+    workdir: str | os.PathLike,
+    step: int | None = None,
+    autoguidance: float | None = 0.0,
+    sampler: str | None = None,
+    *,
+    ema_length: float | None = None,
 ) -> Pipeline:
     """The EMA parameters and the spec of the newest readable checkpoint of a training run (or of ``step``).
 
@@ -64,13 +92,21 @@ def from_workdir(
     ``autoguided_samplers``, guided by its checkpoint at ``guide_step``: :func:`autoguided`; unguided at or before
     that step, as the run itself sampled then); another value that scale, by the same guide, whatever the sampler.
 
+    ``ema_length``: a sigma_rel (post-hoc EMA, EDM2): the parameters are instead the power-function EMA of that width
+    reconstructed from the run's snapshots up to the checkpoint's step (:func:`posthoc_ema_params`); the guide of an
+    autoguided run stays its checkpoint's EMA.
+
     Raises:
       FileNotFoundError: the workdir has no checkpoint (or not ``step``, or not the guide's).
-      CheckpointError: no checkpoint can be read.
+      CheckpointError: no checkpoint can be read; ``ema_length`` of a run without snapshots.
       ValueError: autoguidance asked of a run that keeps no guide, or of a checkpoint not later than its guide.
     """
     ckpt = checkpoints.load_for_sampling(workdir, step, params_like)
     pipe = from_spec(ModelSpec.from_json(ckpt.spec), ckpt.ema_params, f"{workdir} (step {ckpt.step}, EMA)")
+    if ema_length is not None:
+        params, at = posthoc_ema_params(workdir, ckpt.step, ckpt.spec, ema_length)
+        source = f"{workdir} (step {ckpt.step}, post-hoc EMA sigma_rel {ema_length:g} at step {at})"
+        pipe = dataclasses.replace(pipe, params=params, source=source)
     scale = pipe.autoguidance_for(sampler) if autoguidance is None else autoguidance
     if autoguidance is None and pipe.guide_step is not None and pipe.guide_step >= ckpt.step:
         scale = 0.0  # the run's own default: no guide yet at this step
@@ -89,6 +125,48 @@ def from_workdir(
         )
     guide = checkpoints.load_for_sampling(workdir, pipe.guide_step, params_like)
     return autoguided(pipe, guide.ema_params, scale, f"its EMA at step {guide.step}")
+
+
+def posthoc_ema_params(workdir: str | os.PathLike, step: int, spec: dict, sigma_rel: float):
+    """The parameters of the power-function EMA of width ``sigma_rel`` (post-hoc EMA, Karras et al. 2024, EDM2
+    section 3) reconstructed from ``workdir``'s snapshots up to ``step`` (:func:`jaxdiff.ema.synthesis_weights` at
+    the newest snapshot's step, normally ``step`` itself: snapshots are saved on the checkpoint period), replicated
+    on every device of every process, and that step. The snapshots are read and added one at a time
+    (:func:`jaxdiff.ema.combine`); the log lists each profile's weight. ``spec``: the checkpoint's stored spec.
+
+    Raises:
+      CheckpointError: no snapshot at or before ``step`` (the run did not track post-hoc EMAs), or one that cannot
+        be read or differs from its fingerprint.
+      ConfigError: ``sigma_rel`` out of (0, 0.3003].
+    """
+    index = checkpoints.snapshot_index(workdir, up_to_step=step)
+    if not index:
+        later = checkpoints.snapshot_index(workdir)
+        why = f"its first is at step {later[0]['step']}" if later else "it tracked no post-hoc EMA"
+        raise CheckpointError(
+            f"{workdir} has no EMA snapshot at or before step {step} ({why}): train with "
+            "--config.optim.posthoc_ema=0.05,0.10 to sample with --ema_length, or pick a later --checkpoint_step."
+        )
+    steps = [m["step"] for m in index for _ in m["gammas"]]
+    gammas = [g for m in index for g in m["gammas"]]
+    widths = [s for m in index for s in m["sigma_rels"]]
+    at = index[-1]["step"]
+    x = ema.synthesis_weights(steps, gammas, sigma_rel, at)
+    like = params_like(spec)
+
+    def trees():  # one snapshot on the host at a time
+        for meta in index:
+            for snap in checkpoints.load_snapshot(workdir, meta["step"], like):
+                yield jax.tree_util.tree_map(parallel.to_host, snap.params)
+
+    params = parallel.replicate(ema.combine(x, trees()), parallel.make_mesh())
+    weights = ", ".join(f"{s}/{w:g}: {v:+.4g}" for s, w, v in zip(steps, widths, x, strict=True))
+    log(
+        f"Post-hoc EMA of width sigma_rel {sigma_rel:g} (gamma {ema.sigma_rel_to_gamma(sigma_rel):.3f}) at step {at}, "
+        f"from {len(index)} snapshots ({len(x)} profiles, steps {index[0]['step']}..{at}); weight per "
+        f"step/sigma_rel: {weights}."
+    )
+    return params, at
 
 
 def autoguided(pipe: Pipeline, guide_params, scale: float, guide: str = "a weaker version") -> Pipeline:

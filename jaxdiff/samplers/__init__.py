@@ -33,8 +33,12 @@ from jaxdiff.schedules import respaced, sampling_schedule
 #: The deterministic solvers of the probability-flow ODE. ``dpm++3m-ref`` is 3M with the reference codes' third-order
 #: term (half of the exact one: see docs/conventions.md).
 ODE_SAMPLERS = ("dpm++2m", "dpm++3m", "dpm++3m-ref", "heun")
+#: The samplers of the other paths, run on any model through its denoiser or velocity: ``edm`` is Karras et al.'s
+#: sampler on the rho grid (:func:`jaxdiff.edm.edm_sample`, with churn), ``flow-euler`` and ``flow-heun`` integrate the
+#: flow-matching ODE in t (:func:`jaxdiff.flow.flow_sample`). Their steps are their own grid's, not a respaced chain.
+PATH_SAMPLERS = ("edm", "flow-euler", "flow-heun")
 #: Every sampler name ``sample.py`` and :func:`jaxdiff.pipeline.make_sampler` take.
-SAMPLERS = ("ddpm", "ddim", *ODE_SAMPLERS)
+SAMPLERS = ("ddpm", "ddim", *ODE_SAMPLERS, *PATH_SAMPLERS)
 #: The samplers that are deterministic with their defaults (DDIM's eta = 0, Heun's churn 0).
 DETERMINISTIC_SAMPLERS = ("ddim", *ODE_SAMPLERS)
 #: Each sampler's default step grid: DPM-Solver's is uniform in log-SNR, Heun's is Karras et al.'s sigma spacing.
@@ -45,12 +49,14 @@ DEFAULT_SPACINGS = {
     "dpm++3m": "logsnr",
     "dpm++3m-ref": "logsnr",
     "heun": "karras",
+    **{name: "even" for name in PATH_SAMPLERS},  # (not read: they step on their own grids)
 }
 
 __all__ = [
     "DEFAULT_SPACINGS",
     "DETERMINISTIC_SAMPLERS",
     "ODE_SAMPLERS",
+    "PATH_SAMPLERS",
     "SAMPLERS",
     "THIRD_ORDER_FORMS",
     "Trajectory",

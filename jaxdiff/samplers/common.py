@@ -100,6 +100,14 @@ def _sample_down(step, key, shape, T, x_T, trajectory_every):
     return x if trajectory_every is None else (x, traj)
 
 
+def _may_start_from_pure_noise(schedule: Schedule) -> bool:
+    """Whether a step of ``schedule`` may start at abar = 0 (a zero-terminal-SNR chain): False only when its levels
+    are known at trace time (closed over, not passed into jit) and the top one is above 0. A sampler that needs a
+    separate branch for that step traces it only when this is True."""
+    top = schedule.alphas_cumprod[-1]
+    return isinstance(top, jax.core.Tracer) or float(top) == 0.0
+
+
 def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
     """Imagen's dynamic thresholding: per image, s = max(1, the ``percentile`` quantile of ``|x0|``); clip to
     [-s, s] and divide by s."""

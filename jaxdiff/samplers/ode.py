@@ -15,7 +15,14 @@ import jax.numpy as jnp
 
 from jaxdiff.diffusion import ModelFn, fold_keys, normal_noise
 from jaxdiff.errors import ConfigError
-from jaxdiff.samplers.common import _data_prediction, _downwards, _finish_x0, _starting_noise, predictions_between_steps
+from jaxdiff.samplers.common import (
+    _data_prediction,
+    _downwards,
+    _finish_x0,
+    _may_start_from_pure_noise,
+    _starting_noise,
+    predictions_between_steps,
+)
 from jaxdiff.schedules import Schedule, log_sigmas
 
 __all__ = ["THIRD_ORDER_FORMS", "dpm_solver_sample", "heun_sample"]
@@ -127,8 +134,13 @@ def dpm_solver_sample(
 
     def step(carry, t):
         x, m1, m2, h1, h2, done = carry
-        abar, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
+        abar_now, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
         last = t == 0
+        # From pure noise (abar = 0, zero terminal SNR: lambda = -inf) the exact step is DDIM's, taken below; the
+        # level is swapped for a finite one here so that nothing divides by zero, and the step is kept out of the
+        # history (the next step is first order).
+        pure = abar_now == 0.0
+        abar = jnp.where(pure, abar_next, abar_now)
         h = jnp.where(last, 1.0, log_alpha(abar_next) - log_sigma(abar_next) - log_alpha(abar) + log_sigma(abar))
         m0 = _data_prediction(schedule, model_fn, x, t, prediction, variance, clip_x0, thresholding)
         r0, r1 = h1 / h, h2 / h
@@ -142,7 +154,8 @@ def dpm_solver_sample(
         third = first + alpha_next * (_phi2(h) * slope + _phi3(h) * curve_weight * curve)
         use = jnp.minimum(done + 1, order)
         x_next = jnp.where(last, m0, jnp.where(use == 3, third, jnp.where(use == 2, second, first)))
-        return (x_next.astype(x.dtype), m0, m1, h, h1, done + 1), None
+        x_next = jnp.where(pure, alpha_next * m0 + jnp.sqrt(1.0 - abar_next) * x, x_next)  # x is eps there
+        return (x_next.astype(x.dtype), m0, m1, h, h1, jnp.where(pure, done, done + 1)), None
 
     zeros = jnp.zeros_like(x_T)
     init = (x_T, zeros, zeros, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
@@ -187,6 +200,7 @@ def heun_sample(
     x_T = _starting_noise(key, shape, T, x_T)
     denoise = lambda x, t: _data_prediction(schedule, model_fn, x, t, prediction, variance, clip_x0, thresholding)
     sigmas = jnp.exp(log_sigmas(schedule))
+    top_sigma = jnp.max(jnp.where(jnp.isfinite(sigmas), sigmas, 0.0))  # the highest finite level: churn's cap
     gamma_max = min(s_churn / T, math.sqrt(2.0) - 1.0)
 
     def denoise_between(x_tilde, sigma):
@@ -196,13 +210,24 @@ def heun_sample(
         pred_x0, _ = predictions_between_steps(schedule, model_fn, x, jnp.log(sigma), **kinds)
         return _finish_x0(pred_x0, clip_x0, thresholding)
 
+    def from_pure_noise(x, t):
+        """The step from abar = 0 (zero terminal SNR, sigma = inf), where x is eps: the Euler step's limit,
+        x~_next = D + sigma_next eps, which is DDIM's; no second-order correction exists from an infinite level."""
+        abar_next = schedule.alphas_cumprod_prev[t]
+        return (jnp.sqrt(abar_next) * denoise(x, t) + jnp.sqrt(1.0 - abar_next) * x).astype(x.dtype)
+
     def step(x, t):
+        if _may_start_from_pure_noise(schedule):
+            return jax.lax.cond(schedule.alphas_cumprod[t] == 0.0, from_pure_noise, heun_step, x, t), None
+        return heun_step(x, t), None
+
+    def heun_step(x, t):
         abar, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
         sigma, sigma_next = sigmas[t], jnp.sqrt((1 - abar_next) / abar_next)
         x_tilde = x / jnp.sqrt(abar)
         if gamma_max > 0:  # raise the noise to sigma_hat first
             gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
-            sigma_hat = jnp.minimum(sigma * (1.0 + gamma), sigmas[-1])
+            sigma_hat = jnp.minimum(sigma * (1.0 + gamma), top_sigma)
             noise = normal_noise(fold_keys(key, t), x.shape, x.dtype)
             x_tilde = x_tilde + s_noise * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * noise
             sigma = sigma_hat
@@ -217,7 +242,7 @@ def heun_sample(
             return x_tilde + (sigma_next - sigma) * (d + d_next) / 2
 
         x_tilde_next = jax.lax.cond(t > 0, correct, lambda euler: euler, euler)
-        return (x_tilde_next * jnp.sqrt(abar_next)).astype(x.dtype), None
+        return (x_tilde_next * jnp.sqrt(abar_next)).astype(x.dtype)
 
     x, _ = jax.lax.scan(step, x_T, _downwards(T))
     return x
