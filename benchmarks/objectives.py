@@ -43,8 +43,9 @@ COMMON_WAYS = "ddpm=ddpm:0,ddim-50=ddim:50,dpm++2m-20=dpm++2m:20"
 OWN_WAYS = {"edm": "edm-10=edm:10", "flow": "flow-heun-10=flow-heun:10"}
 
 
-def ways_of(objective: str) -> dict:
-    text = COMMON_WAYS + ("," + OWN_WAYS[objective] if objective in OWN_WAYS else "")
+def ways_of(objective: str, ways: str | None = None) -> dict:
+    """The ways to judge an objective: ``ways`` (``name=sampler:steps,...``) or the common ones and its own."""
+    text = ways or COMMON_WAYS + ("," + OWN_WAYS[objective] if objective in OWN_WAYS else "")
     return dict(parse_way(w) for w in text.split(","))
 
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--num_samples", type=int, default=297, help="as many as the held-out test digits")
     parser.add_argument("--sample_seed", type=int, default=0)
+    parser.add_argument("--ways", default=None, help="name=sampler:steps,... instead of the common and own ways")
     parser.add_argument("--posthoc", action="store_true", help="also the post-hoc EMA sweep of the default (v)")
     parser.add_argument("--sigma_rels", default="0.02,0.035,0.05,0.07,0.10,0.15,0.2")
     parser.add_argument("--json", default="benchmarks/results/objectives.json")
@@ -118,7 +120,7 @@ def main() -> None:
             if judge is None:
                 data = pipeline.from_workdir(workdir).data
                 judge = metrics.heldout_judge(features.make_extractor("digits", data), data)
-            todo = dict(ways_of(objective))
+            todo = dict(ways_of(objective, args.ways))
             if args.posthoc and objective == "v":
                 todo.update({f"posthoc-{s}": None for s in args.sigma_rels.split(",")})
             for name, way in todo.items():

@@ -47,13 +47,17 @@ from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.common import _starting_noise, predictions_between_steps
 from jaxdiff.schedules import Schedule
 
-#: Karras et al.'s settings (Table 1 and section 5): the data's std, the log-normal training levels, the sampling
-#: range and the grid's rho.
+#: The data's std of Karras et al.'s CIFAR-10 setting (Table 1); set it to your data's (configs/digits_edm.py: 0.85).
 SIGMA_DATA = 0.5
+#: The mean of ln sigma of the training levels (Table 1: ln sigma ~ N(P_MEAN, P_STD^2)).
 P_MEAN = -1.2
+#: The std of ln sigma of the training levels.
 P_STD = 1.2
+#: The lowest level of the sampling grid (section 5).
 SIGMA_MIN = 0.002
+#: The highest level of the sampling grid, where sampling starts from sigma_max eps.
 SIGMA_MAX = 80.0
+#: The grid's rho (eq. 5): sigma^(1/rho) evenly spaced, denser at low noise.
 RHO = 7.0
 #: The network's noise input is this times c_noise = ln(sigma) / 4: 62.5 per unit of ln sigma, so [0.002, 80] spans
 #: [-388, 274], a range like that of the DDPM timesteps the UNet's embedding was made for.
