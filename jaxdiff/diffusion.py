@@ -164,6 +164,13 @@ def extract(coeff: Array, t: Array, x: Array) -> Array:
     return jnp.take(coeff, t).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
+def _per_example(a: Array, x: Array) -> Array:
+    """A ``[B]`` array (or a scalar) broadcast to ``[B]`` and shaped ``[B, 1, ..., 1]`` against ``x`` of ``[B, ...]``:
+    a per-example level (EDM's sigma, flow matching's t) as :func:`extract` gives a per-step coefficient."""
+    a = jnp.broadcast_to(jnp.asarray(a, x.dtype), (x.shape[0],))
+    return a.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
 def mean_flat(x: Array) -> Array:
     """The mean over every axis but the first: ``[B, ...] -> [B]``."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion import Array, ModelFn, fold_keys, mean_flat, normal_noise
+from jaxdiff.diffusion import Array, ModelFn, _per_example, fold_keys, mean_flat, normal_noise
 from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.common import _starting_noise, predictions_between_steps
 from jaxdiff.schedules import Schedule
@@ -108,12 +108,6 @@ def preconditioning(sigma: Array, sigma_data: float = SIGMA_DATA) -> Preconditio
 def noise_label(sigma: Array) -> Array:
     """What the network reads as its noise input: ``NOISE_LABEL_SCALE * c_noise(sigma)``."""
     return NOISE_LABEL_SCALE * jnp.log(jnp.asarray(sigma, jnp.float32)) / 4.0
-
-
-def _per_example(a: Array, x: Array) -> Array:
-    """A ``[B]`` array (or a scalar) shaped ``[B, 1, ..., 1]`` against ``x``."""
-    a = jnp.broadcast_to(jnp.asarray(a, x.dtype), (x.shape[0],))
-    return a.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def denoise(model_fn: ModelFn, x: Array, sigma: Array, sigma_data: float = SIGMA_DATA) -> Array:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion import Array, ModelFn, check_choice, mean_flat
+from jaxdiff.diffusion import Array, ModelFn, _per_example, check_choice, mean_flat
 from jaxdiff.errors import ConfigError
 from jaxdiff.samplers.common import _starting_noise, predictions_between_steps
 from jaxdiff.schedules import Schedule, log_sigma_at
@@ -67,11 +67,6 @@ __all__ = [
     "vp_betas",
     "vp_model",
 ]
-
-
-def _per_example(a: Array, x: Array) -> Array:
-    a = jnp.broadcast_to(jnp.asarray(a, x.dtype), (x.shape[0],))
-    return a.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def flow_path(x0: Array, noise: Array, t: Array) -> Array:
