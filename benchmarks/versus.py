@@ -16,7 +16,7 @@ Workloads (JAX side / PyTorch side, same architecture, float32):
   the gradient of a squared error, against diffusers' ``UNet2DModel`` of the same architecture; the JAX process also
   times a 2048x2048 matmul, for the fraction of its FLOP rate the network reaches. ``*_noflag``: the same without the
   CPU convolution flag that train.py sets.
-- ``train_digits`` (batch 64), ``train_cifar10`` (batch 8): the whole train step (t and noise drawn, eps MSE,
+- ``train_digits`` (batch 64), ``train_digits_32`` (batch 32, the config's own), ``train_cifar10`` (batch 8): the whole train step (t and noise drawn, eps MSE,
   backward, global-norm clipping, Adam, EMA) against the same step in PyTorch.
 - ``sample_digits`` (batch 64, 50 steps), ``sample_cifar10`` (batch 4, 5 steps): a DDPM step of jaxdiff's scan
   sampler against diffusers' ``DDPMScheduler.step`` + ``UNet2DModel`` in a Python loop under ``torch.no_grad``.
@@ -266,6 +266,11 @@ WORKLOADS = {
     ),
     "train_digits": Workload(
         "train step, digits config, batch 64", lambda: _jax_train(_digits(), 64), lambda: _torch_train(_digits(), 64)
+    ),
+    "train_digits_32": Workload(
+        "train step, digits config, batch 32 (its own batch)",
+        lambda: _jax_train(_digits(), 32),
+        lambda: _torch_train(_digits(), 32),
     ),
     "train_cifar10": Workload(
         "train step, CIFAR-10, batch 8", lambda: _jax_train(_cifar10(), 8), lambda: _torch_train(_cifar10(), 8)
