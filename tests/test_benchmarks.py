@@ -118,3 +118,58 @@ def test_one_real_pair_of_processes(versus):
     pair = result["pairs"][0]
     assert pair["jax"]["seconds"] > 0 and pair["torch"]["seconds"] > 0
     assert pair["jax"]["xla_flags"] and versus.FAST_CPU_CONVOLUTIONS in pair["jax"]["xla_flags"]
+
+
+def test_with_an_older_tree_each_round_runs_it_first_and_takes_after_over_before(versus, monkeypatch):
+    calls = []
+    seconds = {None: iter([1.0, 2.0]), "/tmp/old": iter([2.0, 2.0]), "torch": iter([4.0, 4.0])}
+
+    def fake_worker(workload, side, repeats, xla_flags=None, root=None):
+        calls.append(root if side == "jax" else side)
+        return {"seconds": next(seconds["torch" if side == "torch" else root])}
+
+    monkeypatch.setattr(versus, "run_worker", fake_worker)
+    result = versus.compare("train_digits_32", pairs=2, repeats=1, log=lambda s: None, before="/tmp/old")
+    assert calls == ["/tmp/old", None, "torch"] * 2
+    assert result["after_over_before"] == {"median": 0.75, "min": 0.5, "max": 1.0}
+    assert result["before_over_torch"]["median"] == 0.5 and result["jax_over_torch"]["median"] == 0.375
+
+
+@pytest.fixture(scope="module")
+def cpu_flags():
+    return _script("cpu_flags")
+
+
+def test_the_flag_sweep_alternates_entries_and_reports_a_flag_xla_refuses(cpu_flags, monkeypatch):
+    order = []
+    seconds = {"a": iter([1.0, 2.0, 1.0]), "b": iter([0.5, 3.0, 1.5])}
+
+    def fake_worker(workload, side, repeats, xla_flags=None):
+        name = {"": "a", "--x": "b", "--bad": "c"}[xla_flags]
+        order.append(name)
+        if name == "c":
+            raise SystemExit("train_digits_32 (jax) failed:\nUnknown flag in XLA_FLAGS: --bad")
+        return {"seconds": next(seconds[name])}
+
+    monkeypatch.setattr(cpu_flags, "run_worker", fake_worker)
+    entries = cpu_flags.parse_flags("a=;b=--x;c=--bad")
+    result = cpu_flags.sweep("train_digits_32", entries, rounds=3, repeats=1, log=lambda s: None)
+    assert order == ["a", "b", "c", "a", "b", "a", "b"]  # a refused entry is not run again
+    assert result["entries"]["b"]["over_reference"] == {"median": 1.5, "min": 0.5, "max": 1.5}
+    assert "Unknown flag" in result["entries"]["c"]["failed"]
+    with pytest.raises(SystemExit, match="at least two entries"):
+        cpu_flags.parse_flags("a=")
+
+
+def test_the_hlo_count_finds_layout_copies_and_their_bytes():
+    hlo_ops = _script("hlo_ops")
+    entry = """ENTRY %main (p: f32[8,32,32,128]) -> f32[3,3,128,128] {
+  %p = f32[8,32,32,128]{3,2,1,0} parameter(0)
+  %transpose_copy_fusion.3 = f32[128,32,32,8]{3,2,1,0} fusion(%p), kind=kLoop, calls=%fused_computation.1
+  %convolution.1 = f32[128,3,3,128]{3,2,1,0} convolution(%transpose_copy_fusion.3, %p), dim_labels=b01f_01io->b01f
+  %bitcast.2 = f32[128,3,3,128]{3,2,1,0} bitcast(%convolution.1)
+  ROOT %wrapped_copy.1 = bf16[3,3,128,128]{3,2,1,0} fusion(%bitcast.2), kind=kLoop, calls=%wrapped_copy_computation
+}"""
+    counts = hlo_ops.count(entry)
+    assert counts["operations"] == 3 and counts["convolutions"] == 1 and counts["layout_copies"] == 2
+    assert counts["layout_copy_megabytes"] == (128 * 32 * 32 * 8 * 4 + 9 * 128 * 128 * 2) / 2**20

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxdiff.errors import ConfigError
 from jaxdiff.models.initializers import Constant, FanAvgUniform, TruncatedNormal, draw_params, host_initializers
+from jaxdiff.models.norm import GroupNorm
 
 __all__ = [
     "DTYPES",
@@ -190,35 +191,13 @@ def _dense(features: int, name: str, dtype, scale: float = 1.0) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, kernel_init=ddpm_init(scale), bias_init=ZEROS, name=name)
 
 
-class _ShiftedGroupNorm(nn.GroupNorm):
-    """Flax's one-pass GroupNorm of ``x - k`` (``x`` ``[B, ..., C]``), ``k`` per (example, group) the mean of the
-    group's values in the first row ``x[:, 0]``: a shifted one-pass variance.
-
-    GroupNorm is shift-invariant, GN(x - k) = (y - E[y]) / sqrt(E[y^2] - E[y]^2 + eps) * scale + bias = GN(x) with
-    y = x - k, and so is its gradient (``k`` is held constant). E[y^2] - E[y]^2 loses digits as E[y]^2 grows against
-    Var[y]: on ``x`` itself, where a group's mean is 100x its spread, the float32 output is 1e-2 off float64 (flax's
-    default); two passes on ``x`` are 3e-5 to 7e-5 off (the mean's rounding, ~1e-7 |E[x]|, divided by the spread);
-    with ``k`` within a fraction of the spread of the mean it is 2e-6 (tests/test_models.py). The cost of each:
-    benchmarks/README.md. ``x - k`` is taken in at least float32.
-    """
-
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
-        batch, channels = x.shape[0], x.shape[-1]
-        size = channels // self.num_groups
-        row = x[:, 0] if x.ndim > 2 else x
-        k = jax.lax.stop_gradient(row.reshape(batch, -1, self.num_groups, size).mean(axis=(1, 3)))  # [B, G]
-        shift = jnp.repeat(k, size, axis=-1).reshape(batch, *(1,) * (x.ndim - 2), channels)
-        return super().__call__(x - shift, mask=mask)
-
-
-def _group_norm(cfg: UNetConfig, name: str) -> nn.GroupNorm:
-    return _ShiftedGroupNorm(
+def _group_norm(cfg: UNetConfig, name: str) -> GroupNorm:
+    """The UNet's GroupNorm (:mod:`jaxdiff.models.norm`: float32 statistics with a shifted one-pass variance, its
+    gradient in closed form)."""
+    return GroupNorm(
         num_groups=cfg.num_groups,
         epsilon=cfg.norm_eps,
         dtype=cfg.compute_dtype,
-        # One pass, E[y^2] - E[y]^2, is safe on the shifted y = x - k (see _ShiftedGroupNorm), and cheaper than two.
-        use_fast_variance=True,
         scale_init=ONES,
         bias_init=ZEROS,
         name=name,
