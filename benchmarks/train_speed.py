@@ -96,10 +96,13 @@ def torch_step(model_cfg, batch, seed=0, model=None, autocast=None):
 
 
 def jax_step(model_cfg, params, batch):
+    """jaxdiff's train step as ``train.py`` runs it (``training.shard_train_step`` on every device, the state
+    replicated and donated): noise and t drawn, the eps MSE, backward, clipping, Adam, EMA; returns the loss."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from jaxdiff import pipeline, training
+    from jaxdiff import parallel, pipeline, training
     from jaxdiff.models import make_apply
     from jaxdiff.schedules import make_schedule
 
@@ -113,18 +116,20 @@ def jax_step(model_cfg, params, batch):
         loss_history=jnp.zeros((1000, training.HISTORY)),
         history_count=jnp.zeros((1000,), jnp.int32),
     )
-    state = jax.tree_util.tree_map(jnp.copy, state)  # distinct buffers: the step donates its state
-    fn = jax.jit(
+    mesh = parallel.make_mesh()
+    state = parallel.replicate(jax.tree_util.tree_map(jnp.copy, state), mesh)  # distinct buffers: the step donates
+    fn = training.shard_train_step(
         training.make_train_step(
             make_apply(model_cfg), make_schedule("linear", 1000), pipeline.DiffusionConfig(), optimizer, opt, seed=0
         ),
-        donate_argnums=0,
+        mesh,
     )
     size, ch = model_cfg.image_size, model_cfg.in_channels
     data = {
-        "image": jax.random.uniform(jax.random.key(1), (batch, size, size, ch), minval=-1, maxval=1),
-        "label": jnp.zeros((batch,), jnp.int32),
+        "image": np.random.default_rng(1).uniform(-1, 1, (batch, size, size, ch)).astype(np.float32),
+        "label": np.zeros((batch,), np.int32),
     }
+    data = parallel.global_batch(data, mesh)
     holder = {"state": state}
 
     def step():
