@@ -6,8 +6,8 @@ The variants (``--variants``, the first is the baseline of the ratios):
 
 * ``fast``: flax's default, one pass, Var = E[x^2] - E[x]^2 (``use_fast_variance=True``);
 * ``two_pass``: flax's Var = E[(x - E[x])^2] (``use_fast_variance=False``), as Ho's code and PyTorch;
-* ``shifted``: the UNet's own GroupNorm (``jaxdiff.models.unet._group_norm``): one pass on x - k, k per (example,
-  group) the mean of its first row, a shifted one-pass variance.
+* ``shifted``: the UNet's own GroupNorm (``jaxdiff.models.unet._group_norm``, :mod:`jaxdiff.models.norm` since issue
+  #35): one pass on x - k, k per (example, group) the mean of its first row, a shifted one-pass variance.
 
 Each process patches ``jaxdiff.models.unet._group_norm`` (nothing else changes), then builds, compiles and times the
 train step of a config as ``benchmarks/step_time.py`` does (its child program). The configs (``--configs``,
