@@ -23,7 +23,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from versus import WORKLOADS, machine, run_worker  # noqa: E402
+from versus import WORKLOADS, machine, parse_workloads, run_worker  # noqa: E402
 
 
 def parse_flags(text: str) -> dict[str, str]:
@@ -80,14 +80,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     entries = parse_flags(args.flags)
-    names = args.workloads.split(",")
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        raise SystemExit(f"Unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}.")
     results = {"machine": machine(), "rounds": args.pairs, "repeats": args.repeats, "workloads": []}
     m = results["machine"]
     print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; jax {m['versions']['jax']}", flush=True)
-    for name in names:
+    for name in parse_workloads(args.workloads):
         print(f"{name}: {WORKLOADS[name].what}", flush=True)
         r = sweep(name, entries, args.pairs, args.repeats, log=lambda s: print(s, flush=True))
         results["workloads"].append(r)

@@ -370,6 +370,15 @@ def run_worker(workload: str, side: str, repeats: int, xla_flags: str | None = N
     return result
 
 
+def parse_workloads(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each checked against :data:`WORKLOADS`."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"Unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}.")
+    return names
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -424,10 +433,7 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.side, args.repeats)))
         return 0
-    names = args.workloads.split(",")
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        raise SystemExit(f"Unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}.")
+    names = parse_workloads(args.workloads)
     results = {"machine": machine(), "pairs": args.pairs, "repeats": args.repeats, "workloads": []}
     m = results["machine"]
     print(
