@@ -173,3 +173,23 @@ def test_the_hlo_count_finds_layout_copies_and_their_bytes():
     counts = hlo_ops.count(entry)
     assert counts["operations"] == 3 and counts["convolutions"] == 1 and counts["layout_copies"] == 2
     assert counts["layout_copy_megabytes"] == (128 * 32 * 32 * 8 * 4 + 9 * 128 * 128 * 2) / 2**20
+
+
+def test_the_groupnorm_benchmark_loads_another_trees_group_norm_and_wants_both_before_arguments(tmp_path):
+    """``--before=TREE``: that tree's ``group_norm`` (here this tree's, so equal to it); the ``before`` variant
+    without the tree, or a folder without jaxdiff, stops with what to pass."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.models.norm import group_norm
+
+    speed = _script("groupnorm_speed")
+    loaded = speed._group_norm_of(str(ROOT))
+    assert loaded is not group_norm
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3 + 50
+    scale, bias = jnp.linspace(0.5, 2, 8), jnp.linspace(-1, 1, 8)
+    assert bool(jnp.all(loaded(x, scale, bias, 4) == group_norm(x, scale, bias, 4)))
+    with pytest.raises(SystemExit, match="go together"):
+        speed.main(["--variants=fused,before"])
+    with pytest.raises(SystemExit, match=r"has no jaxdiff/models/norm\.py"):
+        speed._group_norm_of(str(tmp_path))

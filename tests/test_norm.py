@@ -1,5 +1,6 @@
-"""The fused GroupNorm (jaxdiff.models.norm): float64 forward and finite-difference gradients, large group means,
-bfloat16, and the UNet built with it equal to the UNet built with flax's GroupNorm, outputs and gradients."""
+"""The fused GroupNorm (jaxdiff.models.norm): float64 forward, finite-difference derivatives in reverse and forward
+mode, large group means, bfloat16, and the UNet built with it equal to the UNet built with flax's GroupNorm
+(outputs, gradients and forward-mode derivatives)."""
 
 import dataclasses
 import importlib
@@ -88,6 +89,35 @@ def test_the_custom_gradient_matches_float64_finite_differences(offset):
         np.testing.assert_allclose(np.asarray(g, np.float64), ref, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("offset", [0.5, 100.0])
+def test_forward_mode_matches_float64_directional_differences_and_reverse_mode(offset):
+    """jax.jvp along (dx, dscale, dbias) against central differences of the float64 GroupNorm along the same
+    direction (within 1e-5 of the largest entry); and <w, J v> from forward mode equals <J^T w, v> from reverse mode
+    (the probability-flow likelihood takes the network's divergence in forward mode, the training step in reverse)."""
+    shape, groups = (2, 3, 4, 8), 4
+    x, scale, bias, w = data(shape, groups, offset)
+    rng = np.random.default_rng(1)
+    dx = rng.standard_normal(shape) * np.abs(x).max() / 100  # as large as the spread where the mean is 100x it
+    ds, db = rng.standard_normal(scale.shape), rng.standard_normal(bias.shape)
+    fn = lambda x, s, b: group_norm(x, s, b, groups, EPS)
+    primals = tuple(jnp.asarray(a, jnp.float32) for a in (x, scale, bias))
+    tangents = tuple(jnp.asarray(a, jnp.float32) for a in (dx, ds, db))
+    out, jv = jax.jvp(fn, primals, tangents)
+    np.testing.assert_allclose(out, fn(*primals), rtol=1e-6, atol=1e-6)  # the rule's primal is the function's
+    h = 1e-6
+    x64, s64, b64 = (np.asarray(a, np.float64) for a in (x, scale, bias))
+    want = (
+        group_norm64(x64 + h * dx, s64 + h * ds, b64 + h * db, groups)
+        - group_norm64(x64 - h * dx, s64 - h * ds, b64 - h * db, groups)
+    ) / (2 * h)
+    assert jv.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(jv, np.float64), want, atol=1e-5 * np.abs(want).max())
+    cotangents = jax.vjp(fn, *primals)[1](jnp.asarray(w, jnp.float32))
+    forward = float(jnp.vdot(jnp.asarray(w, jnp.float32), jv))
+    reverse = sum(float(jnp.vdot(c, t)) for c, t in zip(cotangents, tangents, strict=True))
+    assert abs(forward - reverse) < 1e-5 * np.abs(w).sum() * np.abs(want).max()
+
+
 def test_bfloat16_inputs_take_float32_statistics_and_give_bfloat16():
     """A bfloat16 x: the output is float32's GroupNorm of the same (rounded) x, rounded once to bfloat16; the
     gradient of x is bfloat16 and that of the float32 parameters float32."""
@@ -146,7 +176,8 @@ def _cifar10_network():
     "network", [_digits_network, pytest.param(_cifar10_network, marks=pytest.mark.slow)], ids=["digits", "cifar10"]
 )
 def test_the_unet_equals_the_unet_with_flax_groupnorm(network, remat, monkeypatch):
-    """Outputs and every parameter's gradient of a squared error, with and without remat, on the shipped networks:
+    """Outputs, every parameter's gradient of a squared error and the forward-mode derivative along an input
+    direction, with and without remat, on the shipped networks:
     equal up to float32 rounding (1e-5 of the largest entry; the two differ only in the order of float operations)."""
     cfg = dataclasses.replace(network(), remat=remat)
     params = init_params(cfg, jax.random.key(0))
@@ -158,12 +189,15 @@ def test_the_unet_equals_the_unet_with_flax_groupnorm(network, remat, monkeypatc
     def run():
         net = UNet(cfg)
         loss = lambda p: jnp.mean((net.apply(p, x, t) - target) ** 2)
-        return jax.jit(lambda p: (net.apply(p, x, t), jax.grad(loss)(p)))(params)
+        # The network's derivative along `target` in forward mode, as the likelihood's divergence takes it.
+        jvp = lambda p: jax.jvp(lambda y: net.apply(p, y, t), (x,), (target,))[1]
+        return jax.jit(lambda p: (net.apply(p, x, t), jax.grad(loss)(p), jvp(p)))(params)
 
-    out, grads = run()
+    out, grads, jv = run()
     monkeypatch.setattr(unet, "GroupNorm", FlaxShiftedGroupNorm)
-    ref_out, ref_grads = run()
+    ref_out, ref_grads, ref_jv = run()
     np.testing.assert_allclose(out, ref_out, atol=1e-5 * float(jnp.abs(ref_out).max()))
+    np.testing.assert_allclose(jv, ref_jv, atol=1e-5 * float(jnp.abs(ref_jv).max()))
     # A bias right before a GroupNorm has a zero gradient in exact arithmetic: compare each leaf at the global scale.
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grads))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):

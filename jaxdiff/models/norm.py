@@ -1,5 +1,5 @@
 """GroupNorm (Wu & He 2018) with float32 statistics from a shifted one-pass variance, the normalisation and the
-affine map as one multiply-add per value, and its gradient in closed form.
+affine map as one multiply-add per value, and its derivative in closed form (forward and reverse mode).
 
 For ``x`` ``[B, ..., C]`` with ``G`` groups of ``C / G`` channels, each (example, group) over its ``n`` values:
 
@@ -17,9 +17,19 @@ even for bfloat16 inputs. The sums run over the positions first, per channel (a 
 over each group's channels on the small ``[B, C]`` result. The output is ``u a + (beta - E[u] a)`` with
 ``a = gamma / sqrt(var + eps)`` per (example, channel): one multiply-add per value.
 
-**The gradient.** With ``g`` the output's cotangent, per (example, channel) ``S_1 = sum g`` and
-``sum g u`` over the positions (one pass over ``g`` and ``x``; ``S_2 = sum g \\hat x`` follows from them on ``[B, C]``),
-and then
+**The derivative** is a custom JVP, so both forward mode (the probability-flow likelihood's divergence,
+:mod:`jaxdiff.likelihood`) and reverse mode (training) use it. With ``k`` a constant of the derivative (GroupNorm
+does not depend on it), ``du = dx``, and per (example, group) ``M_1 = E[du]`` and ``M_2 = E[u du]``:
+
+.. math::
+
+    \\tfrac{1}{2} d\\sigma^2 = M_2 - \\mathrm{E}[u] M_1, \\quad
+    dy = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}} \\Big(du - M_1 - \\hat x \\frac{\\tfrac{1}{2} d\\sigma^2}
+    {\\sqrt{\\sigma^2 + \\epsilon}}\\Big) + d\\gamma \\, \\hat x + d\\beta
+
+computed as ``du A + u B + C`` per (example, channel): one pass over ``du`` and ``u`` for the two sums, one for the
+output. Reverse mode is JAX's transpose of this linear map, the closed form: with ``g`` the output's cotangent and
+``S_1 = sum g``, ``S_2 = sum g \\hat x`` per (example, channel) over the positions,
 
 .. math::
 
@@ -27,10 +37,9 @@ and then
     \\partial x = \\frac{1}{\\sqrt{\\sigma^2 + \\epsilon}} \\Big(\\gamma g - \\frac{1}{n} \\sum_{c \\in \\text{group}}
     \\gamma_c S_{1,c} - \\hat x \\, \\frac{1}{n} \\sum_{c \\in \\text{group}} \\gamma_c S_{2,c}\\Big)
 
-(one more pass: ``g A + u B + C`` per channel). Only ``x`` and the per-group ``k``, ``E[u]`` and
-``1 / sqrt(var + eps)`` are kept for it. ``k`` is a constant of the gradient (GroupNorm does not depend on it).
-Against autodiff through flax's GroupNorm the step time is the same within 3% on the digits and CIFAR-10 UNets
-(benchmarks/README.md, "CPU training against PyTorch").
+keeping ``u`` and the per-group ``E[u]`` and ``1 / sqrt(var + eps)``. Against autodiff through flax's GroupNorm the
+step time is the same within 3% on the CIFAR-10 UNet and 0.9x on the digits UNet (benchmarks/README.md, "CPU
+training against PyTorch").
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, eps: float 
     """GroupNorm of ``x`` ``[B, ..., C]`` with per-channel ``scale`` and ``bias`` ``[C]``.
 
     Statistics per (example, group) over the positions and the group's ``C / num_groups`` channels, in float32 with
-    the shifted one-pass variance (the module docstring); the gradient is the closed form there.
+    the shifted one-pass variance (the module docstring); the derivatives, forward and reverse, are the
+    closed forms there.
 
     Args:
       x: ``[B, ..., C]`` (``[B, C]`` is a group over channels alone); any float dtype.
@@ -102,39 +112,38 @@ def _statistics(x: Array, num_groups: int, eps: float) -> tuple[Array, Array, Ar
     return k, mean_u, inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _group_norm(num_groups: int, eps: float, out_dtype, x: Array, scale: Array, bias: Array) -> Array:
-    return _forward(num_groups, eps, out_dtype, x, scale, bias)[0]
-
-
-def _forward(num_groups, eps, out_dtype, x, scale, bias):
     k, mean_u, inv = _statistics(x, num_groups, eps)
+    return _affine(x, _positions(x) - k, mean_u, inv, scale, bias, out_dtype)
+
+
+def _affine(x, u, mean_u, inv, scale, bias, out_dtype):
+    """``gamma x_hat + beta`` as ``u a + (beta - E[u] a)``, ``a = gamma inv`` per (example, channel): ``u = x - k``
+    keeps its digits (``k`` is near the mean)."""
     a = scale.astype(jnp.float32) * inv  # [B, 1, C]
-    # (x - k - E[u]) a + bias as (x - k) a + (bias - E[u] a): x - k keeps its digits (k is near the mean).
-    y = (_positions(x) - k) * a + (bias.astype(jnp.float32) - mean_u * a)
-    return y.reshape(x.shape).astype(out_dtype), (x, k, mean_u, inv, scale, bias)
+    y = u * a + (bias.astype(jnp.float32) - mean_u * a)
+    return y.reshape(x.shape).astype(out_dtype)
 
 
-def _backward(num_groups, eps, out_dtype, residuals, g):
-    x, k, mean_u, inv, scale, bias = residuals
-    gamma = scale.astype(jnp.float32)
-    g = _positions(g)
+@_group_norm.defjvp
+def _group_norm_jvp(num_groups, eps, out_dtype, primals, tangents):
+    x, scale, bias = primals
+    dx, d_scale, d_bias = tangents
+    k, mean_u, inv = _statistics(x, num_groups, eps)
     u = _positions(x) - k
+    y = _affine(x, u, mean_u, inv, scale, bias, out_dtype)
     n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
-    # One pass over g and x: per (example, channel) S_1 = sum g and sum g u; then S_2 = sum g x_hat on [B, 1, C].
-    s1 = g.sum(axis=1, keepdims=True)  # [B, 1, C]
-    s2 = inv * ((g * u).sum(axis=1, keepdims=True) - mean_u * s1)
-    c1 = _group_sum(gamma * s1, num_groups) / n  # the group mean of gamma g
-    c2 = _group_sum(gamma * s2, num_groups) / n  # the group mean of gamma g x_hat
-    # dx = inv (gamma g - c1 - x_hat c2) with x_hat = (u - E[u]) inv: one more pass, g A + u B + C per channel.
-    dx = g * (inv * gamma) + u * (-jnp.square(inv) * c2) + (jnp.square(inv) * c2 * mean_u - inv * c1)
-    channels = x.shape[-1]
-    d_scale = s2.sum(axis=(0, 1)).reshape(channels).astype(scale.dtype)
-    d_bias = s1.sum(axis=(0, 1)).reshape(channels).astype(bias.dtype)
-    return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias
-
-
-_group_norm.defvjp(_forward, _backward)
+    du = _positions(dx)  # k is a constant of the derivative: GroupNorm does not depend on it
+    # Per (example, channel), constant over each group: M_1 = E[du], M_2 = E[u du] and dVar / 2 = M_2 - E[u] M_1.
+    m1 = _group_sum(du.sum(axis=1, keepdims=True), num_groups) / n
+    half_dvar = _group_sum((u * du).sum(axis=1, keepdims=True), num_groups) / n - mean_u * m1
+    a = scale.astype(jnp.float32) * inv
+    dg = d_scale.astype(jnp.float32) * inv
+    # dy = a (du - M_1) - a inv^2 (u - E[u]) dVar / 2 + dgamma inv (u - E[u]) + dbeta: du A + u B + C per channel.
+    slope = dg - a * jnp.square(inv) * half_dvar
+    dy = du * a + u * slope + (d_bias.astype(jnp.float32) - a * m1 - mean_u * slope)
+    return y, dy.reshape(x.shape).astype(out_dtype)
 
 
 class GroupNorm(nn.Module):

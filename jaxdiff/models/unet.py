@@ -193,7 +193,7 @@ def _dense(features: int, name: str, dtype, scale: float = 1.0) -> nn.Dense:
 
 def _group_norm(cfg: UNetConfig, name: str) -> GroupNorm:
     """The UNet's GroupNorm (:mod:`jaxdiff.models.norm`: float32 statistics with a shifted one-pass variance, its
-    gradient in closed form)."""
+    derivative in closed form, forward and reverse mode)."""
     return GroupNorm(
         num_groups=cfg.num_groups,
         epsilon=cfg.norm_eps,
