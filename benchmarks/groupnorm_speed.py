@@ -9,7 +9,7 @@ The variants (``--variants``; the first is the baseline of the ratios):
 * ``flax_shifted``: the UNet's GroupNorm before issue #35, flax's one-pass GroupNorm of x - k and autodiff
   (``tests/test_norm.py``'s ``FlaxShiftedGroupNorm``);
 * ``fused``: the UNet's GroupNorm now (:mod:`jaxdiff.models.norm`: the same statistics, the output as one
-  multiply-add, the gradient in closed form);
+  multiply-add, the derivative in closed form as a custom JVP);
 * ``autodiff``: the same forward as ``fused`` with JAX's autodiff for the gradient instead of the closed form;
 * ``identity``: no normalisation at all (``x * scale + bias``), the floor of what any GroupNorm could save;
 * ``before``: the ``group_norm`` of another jaxdiff tree (``--before=TREE``, a worktree of an older commit), e.g.

@@ -38,8 +38,8 @@ output. Reverse mode is JAX's transpose of this linear map, the closed form: wit
     \\gamma_c S_{1,c} - \\hat x \\, \\frac{1}{n} \\sum_{c \\in \\text{group}} \\gamma_c S_{2,c}\\Big)
 
 keeping ``u`` and the per-group ``E[u]`` and ``1 / sqrt(var + eps)``. Against autodiff through flax's GroupNorm the
-step time is the same within 3% on the CIFAR-10 UNet and 0.9x on the digits UNet (benchmarks/README.md, "CPU
-training against PyTorch").
+UNet's gradient takes 1.003x the time on CIFAR-10 (batch 8) and 0.978x on the digits (batch 32), both within the
+rounds' spread (``benchmarks/groupnorm_speed.py``; benchmarks/README.md, "CPU training against PyTorch").
 """
 
 from __future__ import annotations
@@ -114,31 +114,30 @@ def _statistics(x: Array, num_groups: int, eps: float) -> tuple[Array, Array, Ar
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _group_norm(num_groups: int, eps: float, out_dtype, x: Array, scale: Array, bias: Array) -> Array:
+    return _normalise(num_groups, eps, out_dtype, x, scale, bias)[0]
+
+
+def _normalise(num_groups, eps, out_dtype, x, scale, bias):
+    """The output ``gamma x_hat + beta`` as ``u a + (beta - E[u] a)`` (``u = x - k`` keeps its digits: ``k`` is near
+    the mean), and what the derivative takes from the forward: ``u`` ``[B, P, C]``, and ``E[u]``,
+    ``1 / sqrt(var + eps)`` and ``a = gamma / sqrt(var + eps)`` per (example, channel) ``[B, 1, C]``."""
     k, mean_u, inv = _statistics(x, num_groups, eps)
-    return _affine(x, _positions(x) - k, mean_u, inv, scale, bias, out_dtype)
-
-
-def _affine(x, u, mean_u, inv, scale, bias, out_dtype):
-    """``gamma x_hat + beta`` as ``u a + (beta - E[u] a)``, ``a = gamma inv`` per (example, channel): ``u = x - k``
-    keeps its digits (``k`` is near the mean)."""
-    a = scale.astype(jnp.float32) * inv  # [B, 1, C]
+    u = _positions(x) - k
+    a = scale.astype(jnp.float32) * inv
     y = u * a + (bias.astype(jnp.float32) - mean_u * a)
-    return y.reshape(x.shape).astype(out_dtype)
+    return y.reshape(x.shape).astype(out_dtype), (u, mean_u, inv, a)
 
 
 @_group_norm.defjvp
 def _group_norm_jvp(num_groups, eps, out_dtype, primals, tangents):
     x, scale, bias = primals
     dx, d_scale, d_bias = tangents
-    k, mean_u, inv = _statistics(x, num_groups, eps)
-    u = _positions(x) - k
-    y = _affine(x, u, mean_u, inv, scale, bias, out_dtype)
+    y, (u, mean_u, inv, a) = _normalise(num_groups, eps, out_dtype, x, scale, bias)
     n = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
     du = _positions(dx)  # k is a constant of the derivative: GroupNorm does not depend on it
     # Per (example, channel), constant over each group: M_1 = E[du], M_2 = E[u du] and dVar / 2 = M_2 - E[u] M_1.
     m1 = _group_sum(du.sum(axis=1, keepdims=True), num_groups) / n
     half_dvar = _group_sum((u * du).sum(axis=1, keepdims=True), num_groups) / n - mean_u * m1
-    a = scale.astype(jnp.float32) * inv
     dg = d_scale.astype(jnp.float32) * inv
     # dy = a (du - M_1) - a inv^2 (u - E[u]) dVar / 2 + dgamma inv (u - E[u]) + dbeta: du A + u B + C per channel.
     slope = dg - a * jnp.square(inv) * half_dvar
